@@ -1,0 +1,288 @@
+"""Agent proxy: runs batched multi-turn rollouts and returns the token batch of ``docs/design.md``.
+
+``AgentProxy(config, workers, tokenizer).rollout(mode, step)``:
+
+1. resets the env manager of ``mode`` (seeds per group, see ``es_manager``);
+2. for up to ``agent_proxy.max_turn`` turns, LEFT-pads the token contexts of the still-active envs into
+   one ``workers.generate`` call, appends the generated ids to each row (loss mask 1), parses the answers,
+   steps the envs and appends the next user message (loss mask 0); a malformed answer or an invalid
+   action adds ``es_manager.format_penalty`` to the turn's score;
+3. builds the right-padded ``[B, T]`` batch: ``input_ids``, ``attention_mask``, ``position_ids``,
+   ``loss_mask``, ``token_level_rewards`` (+ ``uid``, ``env_tag``, ``episode_success``, ``turn_records``),
+   optionally keeping only the groups with the highest within-group reward spread
+   (``actor_rollout_ref.rollout.rollout_filter_ratio`` < 1, train only).
+
+Metrics (``meta_info["metrics"]``; the caller adds a train/val prefix): ``env/<tag>/<name>`` per env tag and
+``env/all/<name>`` overall with names ``success_rate``, ``reward`` (mean episode score, penalties included),
+``env_reward`` (environment reward only), ``num_turns``, ``num_actions``, ``format_ok_rate`` (per turn),
+``valid_action_rate`` (per executed action), ``response_tokens`` (mean generated tokens per turn); and
+``rollout/gen_time_s``, ``rollout/gen_tokens``, ``rollout/gen_calls``, ``rollout/row_len_mean``,
+``rollout/row_len_max``, ``rollout/num_rows``, ``rollout/kept_groups``, ``rollout/total_groups``.
+Rows are never truncated: their lengths are reported so that a too-long configuration is visible.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from verl import DataProto
+
+from .ctx_manager import ContextManager, Dialogue
+from .es_manager import EnvStateManager, as_config, cfg_get
+
+__all__ = ["AgentProxy", "build_batch", "left_pad", "position_ids_from_mask"]
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """cumsum(mask) - 1 clamped at 0 (works for left and right padding)."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def _object_array(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
+def build_batch(dialogues: list[Dialogue], turn_scores: list[list[float]], pad_id: int,
+                use_turn_scores: bool) -> dict[str, torch.Tensor]:
+    """Right-padded ``[B, T]`` tensors of finished dialogues (T = the longest row)."""
+    if not dialogues:
+        raise ValueError("no rows to build a batch from")
+    width = max(len(d) for d in dialogues)
+    n = len(dialogues)
+    input_ids = torch.full((n, width), int(pad_id), dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    loss_mask = torch.zeros((n, width), dtype=torch.float32)
+    rewards = torch.zeros((n, width), dtype=torch.float32)
+    for b, (dlg, scores) in enumerate(zip(dialogues, turn_scores)):
+        length = len(dlg)
+        input_ids[b, :length] = torch.tensor(dlg.input_ids, dtype=torch.long)
+        attention_mask[b, :length] = 1
+        loss_mask[b, :length] = torch.tensor(dlg.loss_mask, dtype=torch.float32)
+        if len(scores) != len(dlg.turn_reward_pos):
+            raise RuntimeError("internal error: one score per turn expected")
+        if use_turn_scores:
+            for pos, score in zip(dlg.turn_reward_pos, scores):
+                rewards[b, pos] += float(score)
+        elif dlg.turn_reward_pos:
+            generated = [p for p, m in enumerate(dlg.loss_mask) if m]
+            pos = generated[-1] if generated else dlg.turn_reward_pos[-1]
+            rewards[b, pos] += float(sum(scores))
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids_from_mask(attention_mask),
+        "loss_mask": loss_mask,
+        "token_level_rewards": rewards,
+    }
+
+
+class AgentProxy:
+    """Batched multi-turn rollouts of the policy behind ``workers`` in the envs of ``config``."""
+
+    def __init__(self, config: Any, workers: Any, tokenizer: Any = None,
+                 env_factory: Optional[Callable[[str, dict], Any]] = None):
+        self.config = as_config(config)
+        self.workers = workers
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(workers, "tokenizer", None)
+        if self.tokenizer is None:
+            raise ValueError("AgentProxy needs a tokenizer (argument or workers.tokenizer)")
+        self.env_factory = env_factory
+        self.max_turn = int(cfg_get(self.config, "agent_proxy.max_turn", 5))
+        if self.max_turn < 1:
+            raise ValueError(f"agent_proxy.max_turn must be >= 1, got {self.max_turn}")
+        window = cfg_get(self.config, "agent_proxy.max_context_window", None)
+        if window is not None and int(window) < self.max_turn:
+            raise ValueError(f"agent_proxy.max_context_window={window}: only the full-history mode is supported "
+                             f"(null or >= agent_proxy.max_turn={self.max_turn})")
+        self.use_turn_scores = bool(cfg_get(self.config, "agent_proxy.use_turn_scores", False))
+        self.format_penalty = float(cfg_get(self.config, "es_manager.format_penalty", -0.1))
+        self.response_length = int(cfg_get(self.config, "actor_rollout_ref.rollout.response_length", 64))
+        if self.response_length < 1:
+            raise ValueError("actor_rollout_ref.rollout.response_length must be >= 1")
+        self.filter_ratio = float(cfg_get(self.config, "actor_rollout_ref.rollout.rollout_filter_ratio", 1.0))
+        if not 0.0 < self.filter_ratio <= 1.0:
+            raise ValueError("actor_rollout_ref.rollout.rollout_filter_ratio must be in (0, 1], "
+                             f"got {self.filter_ratio}")
+        self.ctx = ContextManager(self.config, self.tokenizer)
+        self._managers: dict[str, EnvStateManager] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def env_manager(self, mode: str) -> EnvStateManager:
+        if mode not in self._managers:
+            self._managers[mode] = EnvStateManager(self.config, mode, env_factory=self.env_factory)
+        return self._managers[mode]
+
+    def generation_kwargs(self, mode: str) -> dict[str, Any]:
+        prefix = "actor_rollout_ref.rollout" + (".val_kwargs" if mode == "val" else "")
+        if mode == "val":
+            temperature = float(cfg_get(self.config, f"{prefix}.temperature", 0.0))
+            top_p = float(cfg_get(self.config, f"{prefix}.top_p", 1.0))
+            do_sample = bool(cfg_get(self.config, f"{prefix}.do_sample", False))
+        else:
+            temperature = float(cfg_get(self.config, f"{prefix}.temperature", 1.0))
+            top_p = float(cfg_get(self.config, f"{prefix}.top_p", 1.0))
+            do_sample = bool(cfg_get(self.config, f"{prefix}.do_sample", True))
+        if temperature <= 0.0:
+            do_sample = False
+        return {"max_new_tokens": self.response_length, "temperature": temperature, "top_p": top_p,
+                "do_sample": do_sample}
+
+    def _generation_seed(self, mode: str, step: int, turn: int) -> int:
+        base = int(cfg_get(self.config, f"seed.{mode}", 0))
+        return (base * 1_000_003 + int(step) * (self.max_turn + 1) + turn) % (2 ** 31 - 1)
+
+    def _generate(self, prompts: list[list[int]], mode: str, step: int, turn: int) -> list[list[int]]:
+        input_ids, attention_mask = left_pad(prompts, self.ctx.pad_id)
+        meta = self.generation_kwargs(mode)
+        meta.update(seed=self._generation_seed(mode, step, turn), eos_token_id=self.ctx.eot_id,
+                    pad_token_id=self.ctx.pad_id)
+        request = DataProto.from_dict(
+            tensors={"input_ids": input_ids, "attention_mask": attention_mask,
+                     "position_ids": position_ids_from_mask(attention_mask)},
+            meta_info=meta)
+        out = self.workers.generate(request)
+        responses = out.batch["responses"]
+        if responses.shape[0] != len(prompts):
+            raise RuntimeError(f"workers.generate returned {responses.shape[0]} responses for {len(prompts)} prompts")
+        if "response_mask" in out.batch.keys():
+            masks = out.batch["response_mask"].bool()
+        else:  # fall back: everything up to and including the first end-of-turn token
+            masks = torch.zeros_like(responses, dtype=torch.bool)
+            for j in range(responses.shape[0]):
+                row = responses[j].tolist()
+                stop = row.index(self.ctx.eot_id) + 1 if self.ctx.eot_id in row else len(row)
+                masks[j, :stop] = True
+        result = []
+        for j in range(responses.shape[0]):
+            ids = responses[j][masks[j]].tolist()
+            result.append(ids[: self.response_length])
+        return result
+
+    # ------------------------------------------------------------------ rollout
+    def rollout(self, mode: str = "train", step: int = 0) -> DataProto:
+        if mode not in ("train", "val"):
+            raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
+        esm = self.env_manager(mode)
+        states = esm.reset(step)
+        n = len(states)
+        dialogues = [self.ctx.start(st.instruction, st.obs, st.actions_left) for st in states]
+        cur_text = [self.ctx.dialogue_text(d) for d in dialogues]
+        records: list[list[dict]] = [[] for _ in range(n)]
+        scores: list[list[float]] = [[] for _ in range(n)]
+        turn_stats: list[list[dict]] = [[] for _ in range(n)]
+        gen_time = 0.0
+        gen_tokens = 0
+        gen_calls = 0
+
+        for turn in range(1, self.max_turn + 1):
+            active = [i for i in range(n) if not states[i].done]
+            if not active:
+                break
+            t0 = time.perf_counter()
+            generated = self._generate([dialogues[i].input_ids for i in active], mode, step, turn)
+            gen_time += time.perf_counter() - t0
+            gen_calls += 1
+            for i, gen_ids in zip(active, generated):
+                st = states[i]
+                obs_text = cur_text[i]
+                text, n_gen = self.ctx.append_response(dialogues[i], gen_ids)
+                gen_tokens += n_gen
+                actions, format_ok = self.ctx.parse_response(text)
+                obs, env_reward, done, info = esm.step(i, actions)
+                penalized = (not format_ok) or info["any_invalid"]
+                score = float(env_reward) + (self.format_penalty if penalized else 0.0)
+                if turn == self.max_turn and not done:
+                    esm.finish(i)
+                    done = True
+                if done:
+                    next_text = ""
+                else:
+                    message = self.ctx.next_user_message(obs, env_reward, turn + 1, st.actions_left,
+                                                         format_ok, info["invalid_actions"])
+                    self.ctx.append_user(dialogues[i], message)
+                    next_text = self.ctx.dialogue_text(dialogues[i])
+                cur_text[i] = next_text
+                scores[i].append(score)
+                records[i].append({"obs": obs_text, "action": text, "reward": score,
+                                   "next_obs": next_text, "done": bool(done)})
+                turn_stats[i].append({"format_ok": format_ok, "n_actions": info["n_actions"],
+                                      "n_valid": info["n_valid_actions"], "n_gen": n_gen,
+                                      "env_reward": float(env_reward)})
+
+        metrics = self._metrics(states, scores, turn_stats)
+        metrics.update({"rollout/gen_time_s": gen_time, "rollout/gen_tokens": float(gen_tokens),
+                        "rollout/gen_calls": float(gen_calls)})
+
+        keep = list(range(n))
+        n_groups = esm.env_groups
+        if mode == "train" and self.filter_ratio < 1.0:
+            keep = self._filter_groups(states, scores)
+        kept_groups = len({states[i].group for i in keep})
+        lengths = [len(dialogues[i]) for i in keep]
+        metrics.update({"rollout/row_len_mean": float(np.mean(lengths)), "rollout/row_len_max": float(max(lengths)),
+                        "rollout/num_rows": float(len(keep)), "rollout/kept_groups": float(kept_groups),
+                        "rollout/total_groups": float(n_groups)})
+
+        tensors = build_batch([dialogues[i] for i in keep], [scores[i] for i in keep], self.ctx.pad_id,
+                              self.use_turn_scores)
+        non_tensors = {
+            "uid": _object_array([states[i].uid for i in keep]),
+            "env_tag": _object_array([states[i].tag for i in keep]),
+            "episode_success": _object_array([bool(states[i].success) for i in keep]),
+            "turn_records": _object_array([records[i] for i in keep]),
+        }
+        return DataProto.from_dict(tensors=tensors, non_tensors=non_tensors, meta_info={"metrics": metrics})
+
+    def _filter_groups(self, states, scores) -> list[int]:
+        """Indices of the rows of the ``ceil(ratio * groups)`` groups with the largest reward std."""
+        members: dict[int, list[int]] = defaultdict(list)
+        for i, st in enumerate(states):
+            members[st.group].append(i)
+        groups = sorted(members)
+        spread = {g: float(np.std([sum(scores[i]) for i in members[g]])) for g in groups}
+        n_keep = max(1, math.ceil(self.filter_ratio * len(groups) - 1e-9))
+        ranked = sorted(groups, key=lambda g: -spread[g])  # stable: ties keep group order
+        kept = set(ranked[:n_keep])
+        return [i for i in range(len(states)) if states[i].group in kept]
+
+    @staticmethod
+    def _metrics(states, scores, turn_stats) -> dict[str, float]:
+        by_tag: dict[str, list[int]] = defaultdict(list)
+        for i, st in enumerate(states):
+            by_tag[st.tag].append(i)
+        by_tag_all = dict(by_tag)
+        by_tag_all["all"] = list(range(len(states)))
+        metrics: dict[str, float] = {}
+        for tag, idx in by_tag_all.items():
+            turns = [t for i in idx for t in turn_stats[i]]
+            n_actions = sum(t["n_actions"] for t in turns)
+            n_valid = sum(t["n_valid"] for t in turns)
+            metrics.update({
+                f"env/{tag}/success_rate": float(np.mean([bool(states[i].success) for i in idx])),
+                f"env/{tag}/reward": float(np.mean([sum(scores[i]) for i in idx])),
+                f"env/{tag}/env_reward": float(np.mean([states[i].total_reward for i in idx])),
+                f"env/{tag}/num_turns": float(np.mean([len(turn_stats[i]) for i in idx])),
+                f"env/{tag}/num_actions": float(np.mean([states[i].n_actions for i in idx])),
+                f"env/{tag}/format_ok_rate": float(np.mean([t["format_ok"] for t in turns])) if turns else 0.0,
+                f"env/{tag}/valid_action_rate": (n_valid / n_actions) if n_actions else 0.0,
+                f"env/{tag}/response_tokens": float(np.mean([t["n_gen"] for t in turns])) if turns else 0.0,
+            })
+        return metrics

@@ -1,0 +1,47 @@
+"""The worker protocol: the only thing that differs between the local CPU path and veRL's Ray path.
+
+Every method takes and returns ``verl.DataProto`` (or a metrics dict), so the fit loop in
+``ragen.trainer.agent_trainer`` is the same for both backends.  Tensor layouts are in ``docs/design.md``.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from verl import DataProto
+
+
+@runtime_checkable
+class Workers(Protocol):
+    tokenizer: Any
+
+    def generate(self, prompts: DataProto) -> DataProto:
+        """Sample continuations.
+
+        In:  ``input_ids`` [N, P] LEFT-padded, ``attention_mask`` [N, P];
+             ``meta_info``: ``max_new_tokens``, ``temperature``, ``top_p``, ``do_sample`` (bool).
+        Out: ``responses`` [N, R] right-padded with the pad id, ``response_mask`` [N, R] (1 on generated
+             tokens, the eos included when emitted).
+        """
+
+    def compute_log_probs(self, data: DataProto) -> DataProto:
+        """Out: ``old_log_probs`` [B, T] and ``entropys`` [B, T] of the current policy."""
+
+    def compute_ref_log_probs(self, data: DataProto) -> DataProto:
+        """Out: ``ref_log_prob`` [B, T] of the frozen reference policy."""
+
+    def compute_values(self, data: DataProto) -> DataProto:
+        """Out: ``values`` [B, T] from the token critic."""
+
+    def update_actor(self, data: DataProto) -> dict[str, float]:
+        """One PPO/REINFORCE epoch over ``data`` (needs ``advantages``, ``old_log_probs``, ``loss_mask``)."""
+
+    def update_critic(self, data: DataProto) -> dict[str, float]:
+        """Regress the token critic on ``returns`` (needs ``values``, ``returns``, ``loss_mask``)."""
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Mean-pooled last hidden states of the policy, [N, H], no gradient (utterance-critic backbone)."""
+
+    def save_checkpoint(self, directory: str) -> None: ...
+
+    def load_checkpoint(self, directory: str) -> None: ...

