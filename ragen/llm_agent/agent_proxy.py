@@ -222,7 +222,7 @@ class AgentProxy:
                 cur_text[i] = next_text
                 scores[i].append(score)
                 records[i].append({"obs": obs_text, "action": text, "reward": score,
-                                   "next_obs": next_text, "done": bool(done)})
+                                   "next_obs": next_text, "done": bool(done), "num_tokens": int(n_gen)})
                 turn_stats[i].append({"format_ok": format_ok, "n_actions": info["n_actions"],
                                       "n_valid": info["n_valid_actions"], "n_gen": n_gen,
                                       "env_reward": float(env_reward)})

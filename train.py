@@ -1,0 +1,31 @@
+"""Train a multi-turn LLM agent.
+
+    python train.py                                   # config/base.yaml
+    python train.py --config-name archer              # config/archer.yaml (ArCHer, utterance critic)
+    python train.py algorithm.adv_estimator=archer    # any key can be overridden on the command line
+"""
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+import ragen  # noqa: F401  (registers archer / bi_level_gae with veRL)
+from ragen.trainer.agent_trainer import AgentTrainer
+from ragen.trainer.config_checks import ConfigError
+
+
+@hydra.main(config_path="config", config_name="base", version_base=None)
+def main(config: DictConfig) -> None:
+    try:
+        trainer = AgentTrainer(config)
+    except ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None
+    history = trainer.fit()
+    val = [h for h in history if "val/env/all/success_rate" in h]
+    if val:
+        print(f"validation success: first {val[0]['val/env/all/success_rate']:.3f} "
+              f"-> last {val[-1]['val/env/all/success_rate']:.3f} (metrics in {trainer.tracker.jsonl_path})")
+
+
+if __name__ == "__main__":
+    main()
