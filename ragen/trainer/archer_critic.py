@@ -1,0 +1,502 @@
+"""ArCHer's high-level (utterance) critic: double Q/V heads over a frozen text encoder, trained off-policy by TD.
+
+Maths (``ARCHER_SPEC.md`` §6), for a turn transition (s, a, r, s', done) and critics k = 1, 2:
+
+    y_Q,k = r + γ_h · (1 − done) · V̄_k(s')          (td_targets)
+    y_V,k = Q̄_k(s, a')                              a' = the logged action, or one resampled from the policy
+    L     = Σ_k  ℓ(Q_k(s, a), y_Q,k) + ℓ(V_k(s), y_V,k)     ℓ = MSE or Huber
+    θ̄    ← (1 − τ) θ̄ + τ θ   after every step          (polyak_update)
+    A(s, a) = min(Q_1, Q_2)(s, a) − min(V_1, V_2)(s)       (pessimistic_advantage)
+
+Bars are target copies.  The encoder (``archer.critic.backbone``) only supplies embeddings and receives no
+gradient; it never changes the maths above.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import numbers
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .replay_buffer import ReplayBuffer, Transition
+from .text_encoders import TextEncoder, build_text_encoder
+
+__all__ = [
+    "td_targets",
+    "pessimistic_advantage",
+    "polyak_update",
+    "DoubleCriticHeads",
+    "ArcherCritic",
+    "Transition",
+]
+
+
+# ================================================================================================ pure maths
+def _as_float_tensor(x: Any, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
+    if torch.is_tensor(x):
+        t = x
+    else:
+        try:
+            t = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{name} must be a tensor or a sequence of numbers") from exc
+    if like is not None:
+        t = t.to(device=like.device)
+    if not (t.is_floating_point()):
+        t = t.to(torch.float32 if like is None or not like.is_floating_point() else like.dtype)
+    return t
+
+
+def _check_unit_interval(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number in [0, 1], got {value!r}")
+    value = float(value)
+    if not (0.0 <= value <= 1.0):  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def td_targets(rewards: Any, dones: Any, next_values: Any, gamma: float, *,
+               validate: bool = True) -> torch.Tensor:
+    """One-step TD targets ``y = r + γ · (1 − done) · v'`` (elementwise, same shape as ``rewards``).
+
+    ``dones`` may be bool or 0/1 floats.  ``ValueError`` (naming the argument) on a shape mismatch, γ outside
+    [0, 1], or non-finite rewards / next_values.  ``validate=False`` skips the finiteness checks (they force a
+    device sync); shapes and γ are always checked.
+    """
+    gamma = _check_unit_interval(gamma, "gamma")
+    r = _as_float_tensor(rewards, "rewards")
+    v = _as_float_tensor(next_values, "next_values", like=r)
+    d = _as_float_tensor(dones, "dones", like=r)
+    if v.shape != r.shape:
+        raise ValueError(f"next_values shape {tuple(v.shape)} does not match rewards shape {tuple(r.shape)}")
+    if d.shape != r.shape:
+        raise ValueError(f"dones shape {tuple(d.shape)} does not match rewards shape {tuple(r.shape)}")
+    if validate:
+        if not bool(torch.isfinite(r).all()):
+            raise ValueError("rewards contain non-finite values")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError("next_values contain non-finite values")
+        if not bool(((d == 0) | (d == 1)).all()):
+            raise ValueError("dones must be 0/1 (or bool)")
+    v = v.to(r.dtype)
+    d = d.to(r.dtype)
+    # where done, the bootstrap term is exactly 0 (even if v' is garbage for a terminal state)
+    bootstrap = torch.where(d >= 1, torch.zeros_like(v), (1.0 - d) * v)
+    return r + gamma * bootstrap
+
+
+def pessimistic_advantage(q1: Any, q2: Any, v1: Any, v2: Any) -> torch.Tensor:
+    """``min(q1, q2) − min(v1, v2)`` elementwise; all four must have the same shape."""
+    q1 = _as_float_tensor(q1, "q1")
+    q2 = _as_float_tensor(q2, "q2", like=q1)
+    v1 = _as_float_tensor(v1, "v1", like=q1)
+    v2 = _as_float_tensor(v2, "v2", like=q1)
+    for name, t in (("q2", q2), ("v1", v1), ("v2", v2)):
+        if t.shape != q1.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match q1 shape {tuple(q1.shape)}")
+    return torch.minimum(q1, q2) - torch.minimum(v1, v2)
+
+
+@torch.no_grad()
+def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """In place ``θ̄ ← (1 − τ) θ̄ + τ θ`` over all parameters and floating-point buffers of ``target``.
+
+    Non-float buffers (counters) are copied from ``source``.  τ = 0 leaves ``target`` untouched, τ = 1 copies
+    ``source`` exactly.  ``ValueError`` when τ ∉ [0, 1] or the two modules do not have the same tensors.
+    """
+    tau = _check_unit_interval(tau, "tau")
+    t_params = dict(target.named_parameters())
+    s_params = dict(source.named_parameters())
+    t_bufs = dict(target.named_buffers())
+    s_bufs = dict(source.named_buffers())
+    if t_params.keys() != s_params.keys() or t_bufs.keys() != s_bufs.keys():
+        raise ValueError("polyak_update: target and source modules have different parameters/buffers")
+    pairs = [(t_params[k], s_params[k], k) for k in t_params] + [(t_bufs[k], s_bufs[k], k) for k in t_bufs]
+    for t, s, name in pairs:
+        if t.shape != s.shape:
+            raise ValueError(f"polyak_update: shape mismatch for '{name}': {tuple(t.shape)} vs {tuple(s.shape)}")
+    for t, s, _ in pairs:
+        if not t.is_floating_point():
+            t.copy_(s)
+        elif tau == 0.0:
+            continue
+        elif tau == 1.0:
+            t.copy_(s)
+        else:
+            t.mul_(1.0 - tau).add_(s.to(t.dtype), alpha=tau)
+
+
+# ================================================================================================ heads
+def _mlp(in_dim: int, hidden_size: int, num_layers: int) -> nn.Module:
+    """``num_layers`` hidden ReLU layers of width ``hidden_size`` then a scalar output; 0 -> a linear head."""
+    if num_layers == 0:
+        return nn.Linear(in_dim, 1)
+    layers: list[nn.Module] = []
+    width = in_dim
+    for _ in range(num_layers):
+        layers += [nn.Linear(width, hidden_size), nn.ReLU()]
+        width = hidden_size
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers)
+
+
+class DoubleCriticHeads(nn.Module):
+    """Two independent critics; critic k has ``Q_k(concat(e(s), e(a)))`` and ``V_k(e(s))`` MLP heads."""
+
+    def __init__(self, emb_dim: int, hidden_size: int = 256, num_layers: int = 2) -> None:
+        super().__init__()
+        self.emb_dim = int(emb_dim)
+        self.q_heads = nn.ModuleList([_mlp(2 * emb_dim, hidden_size, num_layers) for _ in range(2)])
+        self.v_heads = nn.ModuleList([_mlp(emb_dim, hidden_size, num_layers) for _ in range(2)])
+
+    def q(self, obs_emb: torch.Tensor, act_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([obs_emb, act_emb], dim=-1)
+        return self.q_heads[0](x).squeeze(-1), self.q_heads[1](x).squeeze(-1)
+
+    def v(self, obs_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.v_heads[0](obs_emb).squeeze(-1), self.v_heads[1](obs_emb).squeeze(-1)
+
+    def forward(self, obs_emb: torch.Tensor, act_emb: torch.Tensor):
+        """-> (q1, q2, v1, v2), each [N]."""
+        q1, q2 = self.q(obs_emb, act_emb)
+        v1, v2 = self.v(obs_emb)
+        return q1, q2, v1, v2
+
+
+# ================================================================================================ critic
+# constructor argument -> the config key users type (error messages from from_config name the key)
+CONFIG_KEYS = {
+    "gamma": "algorithm.high_level_gamma",
+    "tau": "archer.critic.tau",
+    "lr": "archer.critic.lr",
+    "hidden_size": "archer.critic.hidden_size",
+    "num_layers": "archer.critic.num_layers",
+    "batch_size": "archer.critic.batch_size",
+    "loss": "archer.critic.loss",
+    "grad_clip": "archer.critic.grad_clip",
+    "updates": "archer.critic.updates",
+    "max_obs_chars": "archer.critic.max_obs_chars",
+    "replay_capacity": "archer.replay.capacity",
+}
+DEFAULTS = {
+    "gamma": 0.95, "tau": 0.1, "lr": 1e-3, "hidden_size": 256, "num_layers": 2, "batch_size": 64,
+    "loss": "mse", "grad_clip": 1.0, "updates": 20, "max_obs_chars": 2000, "replay_capacity": 10000,
+}
+LOSSES = ("mse", "huber")
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_hparams(hp: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    """Validate the hyper-parameters; errors name ``names[arg]`` (constructor arg or config key)."""
+    out = dict(hp)
+    n = lambda k: names.get(k, k)  # noqa: E731
+    out["gamma"] = _check_unit_interval(hp["gamma"], n("gamma"))
+    out["tau"] = _check_unit_interval(hp["tau"], n("tau"))
+    lr = hp["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"{n('lr')} must be a finite number > 0, got {lr!r}")
+    out["lr"] = float(lr)
+    out["hidden_size"] = _check_int(hp["hidden_size"], n("hidden_size"), 1)
+    out["num_layers"] = _check_int(hp["num_layers"], n("num_layers"), 0)
+    out["batch_size"] = _check_int(hp["batch_size"], n("batch_size"), 1)
+    out["updates"] = _check_int(hp["updates"], n("updates"), 0)
+    out["max_obs_chars"] = _check_int(hp["max_obs_chars"], n("max_obs_chars"), 1)
+    out["replay_capacity"] = _check_int(hp["replay_capacity"], n("replay_capacity"), 1)
+    loss = str(hp["loss"]).strip().lower() if isinstance(hp["loss"], str) else hp["loss"]
+    if loss not in LOSSES:
+        raise ValueError(f"{n('loss')} must be one of {list(LOSSES)}, got {hp['loss']!r}")
+    out["loss"] = loss
+    gc = hp["grad_clip"]
+    if gc is None:
+        gc = 0.0
+    if isinstance(gc, bool) or not isinstance(gc, numbers.Real) or not math.isfinite(gc) or gc < 0:
+        raise ValueError(f"{n('grad_clip')} must be a finite number >= 0 (0 disables clipping), got {gc!r}")
+    out["grad_clip"] = float(gc)
+    return out
+
+
+def _select(cfg: Any, dotted: str, default: Any) -> Any:
+    """``cfg.a.b.c`` for OmegaConf DictConfig, nested dicts or attribute objects; ``default`` when missing."""
+    node = cfg
+    for part in dotted.split("."):
+        if node is None:
+            return default
+        if isinstance(node, Mapping) or hasattr(node, "keys"):
+            if part not in node:
+                return default
+            node = node[part]
+        elif hasattr(node, part):
+            node = getattr(node, part)
+        else:
+            return default
+    return default if node is None else node
+
+
+class ArcherCritic:
+    """The utterance critic: encoder + online/target ``DoubleCriticHeads`` + AdamW + FIFO replay buffer.
+
+    Typical use per training iteration::
+
+        critic.add(transitions)                 # Transition objects or turn_records dicts
+        metrics = critic.update(num_steps=cfg.archer.critic.updates)
+        q, v = critic.turn_values(obs, actions) # pessimistic pair; A = q - v
+    """
+
+    def __init__(self, encoder: TextEncoder, gamma: float = 0.95, tau: float = 0.1, lr: float = 1e-3,
+                 hidden_size: int = 256, num_layers: int = 2, batch_size: int = 64, loss: str = "mse",
+                 grad_clip: float | None = 1.0, replay_capacity: int = 10000, max_obs_chars: int = 2000,
+                 device: str | torch.device | None = None, seed: int = 0, updates: int = 20,
+                 weight_decay: float = 0.0, num_threads: int | None = 1) -> None:
+        if encoder is None or not hasattr(encoder, "encode") or not hasattr(encoder, "dim"):
+            raise ValueError("encoder must have .dim and .encode(list[str]) -> [N, dim]")
+        hp = _check_hparams(dict(gamma=gamma, tau=tau, lr=lr, hidden_size=hidden_size, num_layers=num_layers,
+                                 batch_size=batch_size, loss=loss, grad_clip=grad_clip, updates=updates,
+                                 max_obs_chars=max_obs_chars, replay_capacity=replay_capacity), {})
+        if not isinstance(weight_decay, numbers.Real) or weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        self.hparams = hp
+        self.encoder = encoder
+        self.gamma = hp["gamma"]
+        self.tau = hp["tau"]
+        self.lr = hp["lr"]
+        self.batch_size = hp["batch_size"]
+        self.loss = hp["loss"]
+        self.grad_clip = hp["grad_clip"]
+        self.updates = hp["updates"]
+        self.max_obs_chars = hp["max_obs_chars"]
+        self.seed = int(seed)
+        if num_threads is not None:
+            num_threads = _check_int(num_threads, "num_threads", 1)
+        self.num_threads = num_threads
+        if device is None:
+            device = getattr(encoder, "device", "cpu")
+        self.device = torch.device(device)
+
+        with torch.random.fork_rng(devices=[]):  # seeded init that leaves the global RNG alone
+            torch.manual_seed(self.seed)
+            heads = DoubleCriticHeads(int(encoder.dim), hp["hidden_size"], hp["num_layers"])
+        self.heads = heads.to(self.device)
+        self.target = copy.deepcopy(self.heads)
+        self.target.requires_grad_(False)
+        self.target.eval()
+        self.optimizer = torch.optim.AdamW(self.heads.parameters(), lr=self.lr, weight_decay=float(weight_decay))
+        self.buffer = ReplayBuffer(hp["replay_capacity"], seed=self.seed)
+        self.num_updates = 0
+
+    # ------------------------------------------------------------------------------------------- config
+    @classmethod
+    def from_config(cls, cfg: Any, encoder: TextEncoder | None = None, *, device: str | torch.device | None = None,
+                    seed: int | None = None, workers: Any = None) -> "ArcherCritic":
+        """Build from the project config (keys ``archer.critic.*``, ``archer.replay.capacity``,
+        ``algorithm.high_level_gamma``; missing keys take ``config/base.yaml``'s defaults).
+
+        Without ``encoder``, one is built from ``archer.critic.backbone`` (``workers`` needed for ``policy``).
+        ``seed`` defaults to ``seed.train`` (or an int ``seed``) of the config, else 0.
+        """
+        hp = {k: _select(cfg, key, DEFAULTS[k]) for k, key in CONFIG_KEYS.items()}
+        hp = _check_hparams(hp, CONFIG_KEYS)
+        # optional key (not in base.yaml): CPU threads for the heads' maths, 0 = leave torch's setting
+        num_threads = _check_int(_select(cfg, "archer.critic.num_threads", 1), "archer.critic.num_threads", 0)
+        num_threads = num_threads or None
+        if seed is None:
+            s = _select(cfg, "seed", 0)
+            seed = _select(s, "train", 0) if (isinstance(s, Mapping) or hasattr(s, "keys")) else s
+            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+                seed = 0
+        if encoder is None:
+            backbone = _select(cfg, "archer.critic.backbone", "hashing")
+            encoder = build_text_encoder(backbone, device=device or "cpu", workers=workers)
+        return cls(encoder, device=device, seed=int(seed), num_threads=num_threads, **hp)
+
+    # ------------------------------------------------------------------------------------------- data
+    def add(self, transitions: Iterable[Transition | Mapping[str, Any]]) -> None:
+        """Append transitions (``Transition`` or dicts with obs/action/reward/next_obs/done) to the buffer."""
+        self.buffer.add(transitions)
+
+    def clip_obs(self, text: str) -> str:
+        """Keep the LAST ``max_obs_chars`` characters (the most recent part of the dialogue)."""
+        return text if len(text) <= self.max_obs_chars else text[-self.max_obs_chars:]
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        return self.encoder.encode(texts).to(device=self.device, dtype=torch.float32)
+
+    @contextlib.contextmanager
+    def _threads(self):
+        """Cap torch's CPU threads (``num_threads``, default 1; None = leave them) around the heads' maths only
+        (encoding keeps all threads): the heads are tiny, and on a busy machine intra-op threads cost far more
+        in contention than they bring (measured 17 s vs 0.3 s per update(20) on 2 shared cores)."""
+        if self.num_threads is None or self.device.type != "cpu" or torch.get_num_threads() == self.num_threads:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def _loss_fn(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.loss == "huber":
+            return F.huber_loss(pred, target, delta=1.0)
+        return F.mse_loss(pred, target)
+
+    # ------------------------------------------------------------------------------------------- training
+    def update(self, num_steps: int | None = None,
+               policy_action_fn: Callable[[list[str]], Sequence[str]] | None = None) -> dict[str, float]:
+        """``num_steps`` (default ``archer.critic.updates``) TD steps, each on a uniform minibatch.
+
+        ``policy_action_fn(obs_list) -> action_list`` resamples a' for the V targets from the current policy
+        (it receives the full, unclipped observation texts); by default a' is the logged action.
+        Returns averages over the steps of critic/loss, critic/q_mean, critic/v_mean, critic/td_error
+        (mean |y_Q − Q| over both critics), plus critic/buffer_size and critic/steps.
+        """
+        if num_steps is None:
+            num_steps = self.updates
+        num_steps = _check_int(num_steps, "num_steps", 0)
+        metrics = {"critic/loss": 0.0, "critic/q_mean": 0.0, "critic/v_mean": 0.0, "critic/td_error": 0.0,
+                   "critic/buffer_size": float(len(self.buffer)), "critic/steps": float(num_steps)}
+        if num_steps == 0:
+            return metrics
+        if len(self.buffer) == 0:
+            raise ValueError("ArcherCritic.update: the replay buffer is empty; add transitions first")
+        self.heads.train()
+        sums = torch.zeros(4, device=self.device)
+        n = self.batch_size
+        for _ in range(num_steps):
+            batch = self.buffer.sample(n)
+            obs = [self.clip_obs(t.obs) for t in batch]
+            acts = [t.action for t in batch]
+            # s' of a terminal transition is never bootstrapped: do not encode it (it is often "")
+            live = [i for i, t in enumerate(batch) if not t.done]
+            next_obs = [self.clip_obs(batch[i].next_obs) for i in live]
+            if policy_action_fn is None:
+                new_acts: list[str] = []
+            else:
+                new_acts = list(policy_action_fn([t.obs for t in batch]))
+                if len(new_acts) != n or not all(isinstance(a, str) for a in new_acts):
+                    raise ValueError(f"policy_action_fn must return {n} strings, one per observation")
+            emb = self._embed(obs + acts + next_obs + new_acts)
+            m = len(live)
+            e_obs, e_act = emb[:n], emb[n:2 * n]
+            e_new = emb[2 * n + m:] if new_acts else e_act
+            if m == n:
+                e_next = emb[2 * n:3 * n]
+            else:
+                e_next = torch.zeros_like(e_obs)
+                if m:
+                    e_next[torch.tensor(live, device=self.device)] = emb[2 * n:2 * n + m]
+            rewards = torch.tensor([t.reward for t in batch], dtype=torch.float32, device=self.device)
+            dones = torch.tensor([t.done for t in batch], dtype=torch.float32, device=self.device)
+            with self._threads():
+                sums += self._step(e_obs, e_act, e_next, e_new, rewards, dones)
+        avg = (sums / num_steps).tolist()
+        if not math.isfinite(avg[0]):
+            raise FloatingPointError(f"ArcherCritic.update: non-finite critic loss {avg[0]}")
+        metrics.update({"critic/loss": avg[0], "critic/q_mean": avg[1], "critic/v_mean": avg[2],
+                        "critic/td_error": avg[3]})
+        return metrics
+
+    def _step(self, e_obs, e_act, e_next, e_new, rewards, dones) -> torch.Tensor:
+        """One gradient step of both critics on embedded data; returns [loss, q_mean, v_mean, td_error]."""
+        with torch.no_grad():
+            tv1, tv2 = self.target.v(e_next)
+            tq1, tq2 = self.target.q(e_obs, e_new)
+            yq1 = td_targets(rewards, dones, tv1, self.gamma, validate=False)
+            yq2 = td_targets(rewards, dones, tv2, self.gamma, validate=False)
+
+        q1, q2 = self.heads.q(e_obs, e_act)
+        v1, v2 = self.heads.v(e_obs)
+        loss = (self._loss_fn(q1, yq1) + self._loss_fn(q2, yq2)
+                + self._loss_fn(v1, tq1) + self._loss_fn(v2, tq2))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.heads.parameters(), self.grad_clip)
+        self.optimizer.step()
+        polyak_update(self.target, self.heads, self.tau)
+        self.num_updates += 1
+        with torch.no_grad():
+            td = 0.5 * ((yq1 - q1).abs().mean() + (yq2 - q2).abs().mean())
+            return torch.stack([loss.detach(), 0.5 * (q1 + q2).mean(), 0.5 * (v1 + v2).mean(), td])
+
+    # ------------------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def critic_values(self, obs: Sequence[str], actions: Sequence[str], *, target: bool = False,
+                      chunk_size: int = 1024) -> tuple[torch.Tensor, ...]:
+        """(q1, q2, v1, v2) on CPU, each [N], from the online (or target) heads."""
+        obs, actions = list(obs), list(actions)
+        if len(obs) != len(actions):
+            raise ValueError(f"obs ({len(obs)}) and actions ({len(actions)}) must have the same length")
+        heads = self.target if target else self.heads
+        was_training = heads.training
+        heads.eval()
+        outs: list[tuple[torch.Tensor, ...]] = []
+        for i in range(0, len(obs), chunk_size):
+            o = [self.clip_obs(t) for t in obs[i:i + chunk_size]]
+            a = actions[i:i + chunk_size]
+            emb = self._embed(o + a)
+            with self._threads():
+                outs.append(tuple(x.float().cpu() for x in heads(emb[:len(o)], emb[len(o):])))
+        heads.train(was_training)
+        if not outs:
+            return tuple(torch.zeros(0) for _ in range(4))
+        return tuple(torch.cat([o[k] for o in outs]) for k in range(4))
+
+    def turn_values(self, obs: Sequence[str], actions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pessimistic ``(min(Q1, Q2), min(V1, V2))`` from the online heads, float32 [N] on CPU, no grad.
+
+        ``q − v`` equals ``pessimistic_advantage(q1, q2, v1, v2)``.
+        """
+        q1, q2, v1, v2 = self.critic_values(obs, actions)
+        return torch.minimum(q1, q2), torch.minimum(v1, v2)
+
+    # ------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: heads, targets, optimizer, replay buffer (torch.save-able)."""
+        return {
+            "heads": self.heads.state_dict(),
+            "target": self.target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "num_updates": self.num_updates,
+            "hparams": dict(self.hparams),
+            "encoder_dim": int(self.encoder.dim),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key in ("heads", "target", "optimizer", "buffer"):
+            if key not in state:
+                raise ValueError(f"ArcherCritic state_dict is missing '{key}'")
+        dim = state.get("encoder_dim", self.encoder.dim)
+        if int(dim) != int(self.encoder.dim):
+            raise ValueError(f"checkpoint was trained on a {dim}-dim encoder, this critic's encoder has "
+                             f"{self.encoder.dim} dims (archer.critic.backbone changed?)")
+        self.heads.load_state_dict(state["heads"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.num_updates = int(state.get("num_updates", 0))
+
+    def to(self, device: str | torch.device) -> "ArcherCritic":
+        """Move heads, targets and optimizer state (the encoder stays where it is)."""
+        self.device = torch.device(device)
+        self.heads.to(self.device)
+        self.target.to(self.device)
+        for st in self.optimizer.state.values():
+            for k, v in st.items():
+                if torch.is_tensor(v) and k != "step":
+                    st[k] = v.to(self.device)
+        return self
