@@ -1,0 +1,469 @@
+"""The veRL backend on a CPU machine: configs, the layout conversion, veRL's own checks and helpers, the
+worker plumbing against stand-in worker groups, the CPU refusal, and the top-level ``verl/`` folder.
+
+Nothing here starts Ray or needs a GPU; what only a GPU cluster can show is listed in docs/scaling.md.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import ragen  # noqa: F401  (registers archer / bi_level_gae with veRL)
+from conftest import compose_config, make_small_config
+from ragen.trainer.config_checks import ConfigError, validate_config
+from ragen.trainer.core_algos import MissingValuesError, compute_archer_advantage_return
+from ragen.workers.verl_backend import (
+    POSITIONS_KEY,
+    VerlWorkers,
+    build_verl_config,
+    check_verl_config,
+    from_verl_batch,
+    plan_update_rows,
+    to_verl_batch,
+    verl_default_config,
+)
+from verl import DataProto
+
+REPO = Path(__file__).resolve().parents[1]
+PAD = 2
+
+
+# ------------------------------------------------------------------------------------------------ a batch
+def hand_batch() -> DataProto:
+    """2 rows, prompts of 3 and 2 tokens, two and three turns, right-padded to T = 12 (docs/design.md)."""
+    #                    prompt     | turn 1 | obs    | turn 2 | pad / obs ...
+    ids = torch.tensor([[5, 6, 7, 10, 11, 20, 21, 12, 13, PAD, PAD, PAD],
+                        [5, 6, 10, 11, 30, 20, 21, 12, 22, 23, 14, PAD]])
+    attn = torch.tensor([[1] * 9 + [0] * 3, [1] * 11 + [0]])
+    loss = torch.tensor([[0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0],
+                         [0, 0, 1, 1, 1, 0, 0, 1, 0, 0, 1, 0]], dtype=torch.float32)
+    rewards = torch.zeros(2, 12)
+    rewards[0, 4], rewards[0, 8] = 0.5, 1.0           # each turn's score on its last generated token
+    rewards[1, 4], rewards[1, 7], rewards[1, 10] = -0.1, 0.0, 2.0
+    values = torch.linspace(0.1, 1.2, 12).repeat(2, 1) * attn
+    adv, ret = compute_archer_advantage_return(rewards, values, loss, 1.0, 1.0, 0.9, 0.1)
+    records = np.empty(2, dtype=object)
+    records[0], records[1] = [{"obs": "x", "action": "y"}], []
+    return DataProto.from_dict(
+        tensors={"input_ids": ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
+                 "loss_mask": loss, "token_level_rewards": rewards, "values": values, "advantages": adv,
+                 "returns": ret, "old_log_probs": -torch.rand(2, 12) * attn},
+        non_tensors={"uid": np.array(["group-a", "group-b"], dtype=object),
+                     "turn_records": records},
+        meta_info={"temperature": 1.0},
+    )
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def test_archer_verl_composes_validates_and_passes_verls_checks():
+    cfg = compose_config("archer_verl")
+    assert cfg.trainer.backend == "verl" and cfg.algorithm.adv_estimator == "archer"
+    assert cfg.verl.rollout.name == "vllm" and cfg.critic.enable is True
+    validate_config(cfg)  # ours
+    for nodes in (1, 2):  # the shipped 1 x 8 and 2 x 8 layouts (veRL's critic check reads the model directory)
+        run = compose_config("archer_verl", [f"trainer.nnodes={nodes}", "model_path=tiny-random"])
+        vcfg = build_verl_config(run, critic_enabled=True)
+        assert vcfg.trainer.n_gpus_per_node == 8 and vcfg.trainer.nnodes == nodes
+        check_verl_config(vcfg, critic_enabled=True)  # veRL's validate_config + its dataclasses
+
+
+def test_our_keys_reach_verl():
+    run = compose_config("archer_verl", [
+        "model_path=tiny-random", "actor_rollout_ref.actor.optim.lr=3e-6", "critic.optim.lr=2e-5",
+        "actor_rollout_ref.actor.clip_ratio_high=0.3", "actor_rollout_ref.rollout.response_length=48",
+        "actor_rollout_ref.rollout.temperature=0.7", "actor_rollout_ref.rollout.top_p=0.9",
+        "micro_batch_size_per_gpu=2", "ppo_mini_batch_size=16", "trainer.n_gpus_per_node=4",
+        "verl.rollout.tensor_model_parallel_size=2", "verl.rollout.gpu_memory_utilization=0.4",
+        "verl.actor.param_offload=true", "actor_rollout_ref.actor.policy_loss=reinforce",
+        "verl.overrides=['actor_rollout_ref.rollout.enforce_eager=true']",
+    ])
+    v = build_verl_config(run, critic_enabled=True)
+    a, r, c = v.actor_rollout_ref.actor, v.actor_rollout_ref.rollout, v.critic
+    assert os.path.isfile(os.path.join(v.actor_rollout_ref.model.path, "config.json"))  # alias resolved
+    assert (a.optim.lr, c.optim.lr, a.clip_ratio_low, a.clip_ratio_high) == (3e-6, 2e-5, 0.2, 0.3)
+    assert (a.ppo_micro_batch_size_per_gpu, a.ppo_mini_batch_size, c.ppo_mini_batch_size) == (2, 16, 16)
+    assert a.policy_loss.loss_mode == "gpg" and a.fsdp_config.param_offload is True
+    assert (r.name, r.response_length, r.temperature, r.top_p) == ("vllm", 48, 0.7, 0.9)
+    assert (r.tensor_model_parallel_size, r.gpu_memory_utilization, r.enforce_eager) == (2, 0.4, True)
+    assert (v.trainer.n_gpus_per_node, v.data.train_batch_size, c.enable) == (4, 32, True)
+    check_verl_config(v, critic_enabled=True, build_models=True)  # HFModelConfig reads the model dir
+
+
+def test_verl_checks_name_the_key():
+    run = compose_config("archer_verl", ["ppo_mini_batch_size=12"])  # 12 rows cannot split over 8 GPUs
+    with pytest.raises(ValueError, match="ppo_mini_batch_size"):
+        check_verl_config(build_verl_config(run, True, resolve_paths=False), True)
+    with pytest.raises(ValueError, match="verl"):  # no verl group at all
+        build_verl_config(compose_config("archer"), True, resolve_paths=False)
+
+
+def test_verl_defaults_compose_inside_a_running_hydra_app():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "config"), version_base=None):
+        assert verl_default_config().actor_rollout_ref.hybrid_engine is True
+        assert compose("archer").algorithm.adv_estimator == "archer"  # our Hydra state survived
+
+
+# ------------------------------------------------------------------------------------------------ layout
+def test_round_trip_keeps_masks_rewards_advantages_and_uid():
+    data = hand_batch()
+    vb = to_verl_batch(data, pad_token_id=PAD)
+    b = vb.batch
+    P, R = b["prompts"].shape[1], b["responses"].shape[1]
+    assert (P, R) == (3, 9)
+    assert b["input_ids"].shape == (2, P + R) and torch.equal(b["input_ids"], torch.cat([b["prompts"], b["responses"]], 1))
+    assert b["prompts"].tolist() == [[5, 6, 7], [PAD, 5, 6]]  # left-padded
+    assert b["attention_mask"][1].tolist() == [0] + [1] * 11
+    # response = everything from the first generated token on; response_mask = loss_mask restricted to it
+    for row, first in ((0, 3), (1, 2)):
+        n = int(data.batch["attention_mask"][row].sum()) - first
+        assert torch.equal(b["response_mask"][row, :n], data.batch["loss_mask"][row, first:first + n])
+        assert b["response_mask"][row, n:].sum() == 0
+        for key in ("token_level_rewards", "advantages", "returns", "values", "old_log_probs"):
+            assert torch.equal(b[key][row, :n], data.batch[key][row, first:first + n]), key
+    assert b["token_level_rewards"].sum() == pytest.approx(float(data.batch["token_level_rewards"].sum()))
+    assert list(vb.non_tensor_batch["uid"]) == ["group-a", "group-b"]
+
+    back = from_verl_batch(vb)
+    for key in ("input_ids", "attention_mask", "position_ids", "loss_mask", "token_level_rewards", "advantages",
+                "returns"):
+        assert torch.equal(back.batch[key], data.batch[key]), key
+        assert back.batch[key].dtype == data.batch[key].dtype
+    for row, first in ((0, 3), (1, 2)):  # veRL has no values / log-probs for prompt tokens: they come back 0
+        assert torch.equal(back.batch["values"][row, first:], data.batch["values"][row, first:])
+        assert back.batch["values"][row, :first].abs().sum() == 0
+    assert POSITIONS_KEY not in back.batch.keys() and "responses" not in back.batch.keys()
+    assert list(back.non_tensor_batch["uid"]) == ["group-a", "group-b"]
+    assert back.meta_info == {"temperature": 1.0}
+
+
+def test_reward_on_the_prompt_goes_to_turn_zero_and_bad_rows_are_refused():
+    data = hand_batch()
+    data.batch["token_level_rewards"][1, 0] = 0.3  # before the first turn: belongs to turn 0
+    vb = to_verl_batch(data, PAD)
+    assert vb.batch["token_level_rewards"][1, 0] == pytest.approx(0.3)
+    bad = hand_batch()
+    bad.batch["loss_mask"][0, 0] = 1.0  # the very first token generated: no prompt
+    with pytest.raises(ValueError, match="row 0"):
+        to_verl_batch(bad, PAD)
+
+
+def test_verl_padding_helpers_agree_with_our_alignment():
+    """veRL's own no-padding round trip: the model output at stream position j predicts token j + 1, so the
+    value veRL hands back for response token i must land on that token's column of our [B, T] row."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
+
+    data = hand_batch()
+    vb = to_verl_batch(data, PAD)
+    keys = ("prompts", "responses", "input_ids", "attention_mask", "position_ids", "response_mask")
+    td = left_right_2_no_padding(DataProto.from_dict(tensors={k: vb.batch[k] for k in keys}).to_tensordict())
+    stream = td["input_ids"].values().float()
+    predicts_next = torch.nested.nested_tensor_from_jagged(torch.roll(stream, -1), offsets=td["input_ids"].offsets())
+    out = tu.get_tensordict({"log_probs": predicts_next}, {"metrics": {}})
+    per_response_token = no_padding_2_padding(tu.get(out, "log_probs"), td)
+    ours = from_verl_batch(DataProto.from_dict(tensors={"old_log_probs": per_response_token}), layout=vb)
+    lp = ours.batch["old_log_probs"]
+    ids, attn = data.batch["input_ids"].float(), data.batch["attention_mask"].bool()
+    for row, first in ((0, 3), (1, 2)):
+        on = attn[row].clone()
+        on[:first] = False
+        assert torch.equal(lp[row][on], ids[row][on])  # position p talks about token p
+        assert lp[row][~on].abs().sum() == 0            # prompt and padding: 0
+
+
+def test_update_row_plan():
+    assert plan_update_rows(32, 32, 8) == (32, 32)
+    assert plan_update_rows(30, 32, 8) == (32, 32)   # padded with zero-mask rows
+    assert plan_update_rows(40, 16, 8) == (16, 48)
+    assert plan_update_rows(2, 4, 4) == (4, 4)
+    assert plan_update_rows(3, 2, 4) == (4, 4)       # a mini-batch is at least one row per rank
+
+
+# ------------------------------------------------------------------------------------------------ veRL's side
+def test_need_critic_and_compute_advantage_for_archer():
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+    from verl.trainer.ppo.utils import need_critic
+
+    vcfg = build_verl_config(compose_config("archer_verl"), critic_enabled=True, resolve_paths=False)
+    assert need_critic(vcfg) is True  # critic.enable=true in config/archer.yaml
+    vb = to_verl_batch(hand_batch(), PAD)
+    with pytest.raises(MissingValuesError, match="archer"):  # veRL passes custom estimators no values
+        compute_advantage(vb, adv_estimator="archer", gamma=1.0, lam=1.0, config=vcfg.algorithm)
+
+
+# ------------------------------------------------------------------------------------------------ worker plumbing
+class FakeCheckpointManager:
+    def __init__(self):
+        self.calls = []
+
+    def sleep_replicas(self):
+        self.calls.append("sleep")
+
+    def update_weights(self, global_steps=None):
+        self.calls.append(("update_weights", global_steps))
+
+
+class FakeGroup:
+    """Stands in for a RayWorkerGroup: `log_probs` / `values` = the next token id of the packed stream."""
+
+    def __init__(self, dp: int):
+        self.dp, self._dispatch_info, self.inputs = dp, {}, {}
+
+    def _query_dispatch_info(self, mesh):
+        return [rank % self.dp for rank in range(self.dp)]
+
+    def _next_token(self, td, name, call, extra=()):
+        from verl.utils import tensordict_utils as tu
+
+        assert len(td) % self.dp == 0, "rows must split evenly over the ranks"
+        self.inputs[call] = td
+        offsets = td["input_ids"].offsets()
+        nxt = torch.nested.nested_tensor_from_jagged(torch.roll(td["input_ids"].values().float(), -1), offsets=offsets)
+        tensors = {name: nxt}
+        for key in extra:
+            tensors[key] = torch.nested.nested_tensor_from_jagged(torch.ones(offsets[-1].item()), offsets=offsets)
+        return tu.get_tensordict(tensors, {"metrics": {"mfu": 0.0}})
+
+    def compute_log_prob(self, td):
+        return self._next_token(td, "log_probs", "compute_log_prob", extra=("entropy",))
+
+    def infer_batch(self, td):
+        return self._next_token(td, "values", "infer_batch")
+
+    def _metrics(self, td, call, prefix):
+        from verl.utils import tensordict_utils as tu
+
+        self.inputs[call] = td
+        return tu.get_tensordict({}, {"metrics": {f"{prefix}loss": [0.5, 0.25], "mfu": [0.1], "grad_norm": 2.0}})
+
+    def update_actor(self, td):
+        return self._metrics(td, "update_actor", "actor/pg_")
+
+    def train_mini_batch(self, td):
+        return self._metrics(td, "train_mini_batch", "critic/vf_")
+
+
+class FakeClient:
+    def __init__(self):
+        self.requests = []
+
+    async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
+        from verl.workers.rollout.replica import TokenOutput
+
+        self.requests.append((list(prompt_ids), dict(sampling_params)))
+        return TokenOutput(token_ids=[40, 41, PAD, 42][: 2 + len(self.requests) % 3])
+
+
+@pytest.fixture(scope="module")
+def fake_workers(tmp_path_factory):
+    cfg = make_small_config(tmp_path_factory.mktemp("verl"), "trainer.n_gpus_per_node=4", config_name="archer_verl")
+    workers = VerlWorkers(cfg, critic_enabled=True, start=False)
+    workers.actor_rollout_wg, workers.critic_wg = FakeGroup(4), FakeGroup(4)
+    workers.checkpoint_manager, workers.rollout_client = FakeCheckpointManager(), FakeClient()
+    return workers
+
+
+def test_worker_specs_build_without_a_cluster(fake_workers):
+    from verl.single_controller.ray.base import create_colocated_worker_cls
+
+    specs = fake_workers.worker_specs()
+    critic_cfg = specs.pop("_critic_config")
+    assert set(specs) == {"actor_rollout", "critic"}
+    assert critic_cfg.ppo_micro_batch_size_per_gpu == 2
+    assert specs["critic"].kwargs["config"].engine_config.micro_batch_size_per_gpu == 2
+    create_colocated_worker_cls(class_dict=specs)  # the colocated actor class veRL would place on each GPU
+
+
+def test_workers_protocol_over_stand_in_groups(fake_workers):
+    from ragen.workers.protocol import Workers
+
+    w = fake_workers
+    assert isinstance(w, Workers)
+    data = hand_batch()
+    ids, attn = data.batch["input_ids"].float(), data.batch["attention_mask"].bool()
+
+    out = w.compute_log_probs(data)
+    lp, ent = out.batch["old_log_probs"], out.batch["entropys"]
+    assert lp.shape == ent.shape == (2, 12) and w.checkpoint_manager.calls == []
+    assert torch.equal(lp[0, 3:9], ids[0, 3:9]) and lp[0, :3].abs().sum() == 0 and ent[0, 3:9].eq(1).all()
+    assert len(w.actor_rollout_wg.inputs["compute_log_prob"]) == 4  # 2 rows padded to the 4 ranks
+
+    prompts = DataProto.from_dict(
+        tensors={"input_ids": torch.tensor([[PAD, 5, 6], [7, 8, 9]]), "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])},
+        meta_info={"max_new_tokens": 4, "temperature": 0.0, "do_sample": False, "eos_token_id": PAD, "seed": 3})
+    gen = w.generate(prompts)
+    assert w.checkpoint_manager.calls == [("update_weights", 0)]  # weights pushed before the first sample
+    assert [r[0] for r in w.rollout_client.requests] == [[5, 6], [7, 8, 9]]
+    assert w.rollout_client.requests[0][1]["temperature"] == 0.0 and w.rollout_client.requests[0][1]["max_tokens"] == 4
+    assert gen.batch["responses"].shape == (2, 4)
+    for row in range(2):
+        mask = gen.batch["response_mask"][row].tolist()
+        assert mask[0] == 1 and mask == sorted(mask, reverse=True)  # a prefix, up to and including eos
+
+    values = w.compute_values(data).batch["values"]
+    assert w.checkpoint_manager.calls[-1] == "sleep"  # servers freed before the critic runs
+    assert torch.equal(values[1, 2:11], ids[1, 2:11])
+
+    metrics = w.update_actor(data)
+    td = w.actor_rollout_wg.inputs["update_actor"]
+    from verl.utils import tensordict_utils as tu
+
+    assert len(td) == 4 and tu.get(td, "mini_batch_size") == 4 and tu.get(td, "compute_loss") is True
+    assert td["response_mask"][2:].sum() == 0 and td["advantages"][2:].abs().sum() == 0  # padding rows do nothing
+    assert metrics["actor/pg_loss"] == pytest.approx(0.375) and metrics["actor/grad_norm"] == 2.0
+    assert "perf/mfu/actor" in metrics
+    critic_metrics = w.update_critic(data)
+    assert critic_metrics["critic/vf_loss"] == pytest.approx(0.375)
+    assert w.checkpoint_manager.calls.count(("update_weights", 0)) == 1
+    w.generate(prompts)
+    assert w.checkpoint_manager.calls[-1] == ("update_weights", 1)  # the updated actor reaches the servers
+    with pytest.raises(NotImplementedError, match="backbone=hashing"):
+        w.encode_texts(["hello"])
+
+
+def test_policy_backbone_is_refused_before_anything_starts():
+    cfg = compose_config("archer_verl", ["archer.critic.backbone=policy"])
+    with pytest.raises(ConfigError, match="backbone=hashing or archer.critic.backbone=minilm"):
+        VerlWorkers(cfg, critic_enabled=True, start=False)
+
+
+# ------------------------------------------------------------------------------------------------ CPU refusal
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_agent_trainer_refuses_verl_on_cpu_before_loading_a_model(small_config, monkeypatch):
+    import ragen.models as models
+    import ragen.trainer.agent_trainer as agent_trainer
+
+    def boom(*args, **kwargs):
+        raise AssertionError("nothing may be loaded or started before the backend check")
+
+    for name in ("resolve_model_path", "load_tokenizer", "load_causal_lm", "load_value_model"):
+        monkeypatch.setattr(models, name, boom)
+    monkeypatch.setattr(agent_trainer, "build_workers", boom)
+    with pytest.raises(ConfigError, match="trainer.backend=local"):
+        agent_trainer.AgentTrainer(small_config(config_name="archer_verl"))
+
+
+# ------------------------------------------------------------------------------------------------ top-level verl/
+def test_import_verl_from_repo_root_is_the_installed_one():
+    out = subprocess.run([sys.executable, "-c", "import verl, os; print(verl.__file__)"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    path = Path(out.stdout.strip().splitlines()[-1]).resolve()
+    assert "site-packages" in path.parts or "dist-packages" in path.parts
+    assert REPO / "verl" not in path.parents
+
+
+def test_verl_folder_has_no_package_marker_or_code():
+    folder = REPO / "verl"
+    assert (folder / "README.md").is_file() and (folder / "archer_for_old_verl.patch").is_file()
+    assert not list(folder.rglob("__init__.py")) and not list(folder.rglob("*.py"))
+
+
+def parse_unified_diff(text: str) -> list[dict]:
+    files, current, lines = [], None, text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("--- "):
+            assert lines[i + 1].startswith("+++ "), "a '---' header must be followed by '+++'"
+            current = {"old": line[4:].split("\t")[0], "new": lines[i + 1][4:].split("\t")[0], "hunks": []}
+            files.append(current)
+            i += 2
+            continue
+        m = re.match(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@", line)
+        if m:
+            assert current is not None, "hunk before any file header"
+            old_n, new_n = int(m.group(2) or 1), int(m.group(4) or 1)
+            seen_old = seen_new = 0
+            body = []
+            i += 1
+            while seen_old < old_n or seen_new < new_n:
+                row = lines[i]
+                assert row[:1] in (" ", "+", "-"), f"bad hunk line {row!r}"
+                seen_old += row[0] in " -"
+                seen_new += row[0] in " +"
+                body.append(row)
+                i += 1
+            assert (seen_old, seen_new) == (old_n, new_n), "hunk line counts do not match its header"
+            current["hunks"].append(body)
+            continue
+        i += 1
+    return files
+
+
+OLD_RAY_TRAINER = """# stand-in with the structure of an old veRL verl/trainer/ppo/ray_trainer.py (enum here, no registry)
+from enum import Enum
+
+import torch
+
+
+class AdvantageEstimator(str, Enum):
+    GAE = 'gae'
+    GRPO = 'grpo'
+    REINFORCE_PLUS_PLUS = 'reinforce_plus_plus'
+    REMAX = 'remax'
+
+
+def compute_advantage(data, adv_estimator, gamma=1.0, lam=1.0, num_repeat=1):
+    if adv_estimator == AdvantageEstimator.GAE:
+        data.batch['advantages'] = torch.zeros_like(data.batch['token_level_rewards'])
+    else:
+        raise NotImplementedError
+    return data
+
+
+class RayPPOTrainer(object):
+
+    def __init__(self, config):
+        self.config = config
+        if self.config.algorithm.adv_estimator == AdvantageEstimator.GAE:
+            self.use_critic = True
+        else:
+            self.use_critic = False
+"""
+
+
+def test_patch_is_a_unified_diff_of_ray_trainer_that_applies_and_works(tmp_path):
+    text = (REPO / "verl" / "archer_for_old_verl.patch").read_text()
+    files = parse_unified_diff(text)
+    assert [(f["old"], f["new"]) for f in files] == [("a/verl/trainer/ppo/ray_trainer.py", "b/verl/trainer/ppo/ray_trainer.py")]
+    added = "\n".join(row for hunk in files[0]["hunks"] for row in hunk if row.startswith("+"))
+    assert "ARCHER = 'archer'" in added and "BI_LEVEL_GAE = 'bi_level_gae'" in added
+    assert "compute_archer_advantage_return" in added and "data.batch['values']" in added
+    assert "use_critic" in "\n".join(row for hunk in files[0]["hunks"] for row in hunk)
+
+    if shutil.which("patch") is None:
+        pytest.skip("GNU patch is not installed")
+    target = tmp_path / "verl" / "trainer" / "ppo" / "ray_trainer.py"
+    target.parent.mkdir(parents=True)
+    target.write_text(OLD_RAY_TRAINER)
+    done = subprocess.run(["patch", "-p1", "--batch", "-i", str(REPO / "verl" / "archer_for_old_verl.patch")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    spec = importlib.util.spec_from_file_location("old_ray_trainer_patched", target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.AdvantageEstimator("archer") is module.AdvantageEstimator.ARCHER
+    assert module.RayPPOTrainer(OmegaConf.create({"algorithm": {"adv_estimator": "archer"}})).use_critic is True
+
+    vb = to_verl_batch(hand_batch(), PAD)
+    vb.meta_info.update(high_level_gamma=0.9, archer_alpha=0.1)
+    out = module.compute_advantage(vb, "archer", gamma=1.0, lam=1.0)
+    adv, _ = compute_archer_advantage_return(vb.batch["token_level_rewards"], vb.batch["values"],
+                                             vb.batch["response_mask"], 1.0, 1.0, 0.9, 0.1)
+    torch.testing.assert_close(out.batch["advantages"], adv)
+    del vb.batch["values"]
+    with pytest.raises(ValueError, match="critic"):
+        module.compute_advantage(vb, "archer")
