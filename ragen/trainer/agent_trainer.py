@@ -153,10 +153,11 @@ class AgentTrainer:
             turn_q = turn_v = None
             if self.utterance_critic is not None:
                 turn_q, turn_v = self.utterance_tables(batch)
-                valid = segment_turns(mask)[0] >= 0
-                if valid.any():
-                    metrics["utterance_critic/turn_q_mean"] = float(turn_q[turn_q != 0].mean()) if (turn_q != 0).any() else 0.0
-                    metrics["utterance_critic/turn_adv_mean"] = float((turn_q - turn_v).mean())
+                _, num_turns = segment_turns(mask)
+                slot = torch.arange(turn_q.shape[1]) < num_turns[:, None]
+                if slot.any():
+                    metrics["utterance_critic/turn_q_mean"] = float(turn_q[slot].mean())
+                    metrics["utterance_critic/turn_adv_mean"] = float((turn_q - turn_v)[slot].mean())
             values = batch.batch["values"] if "values" in batch.batch.keys() else torch.zeros_like(rewards)
             adv, ret = compute_archer_advantage_return(rewards, values, mask, cfg.gamma, cfg.lam, cfg.high_level_gamma,
                                                        self.config.archer.alpha, turn_q=turn_q, turn_v=turn_v)

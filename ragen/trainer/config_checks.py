@@ -146,6 +146,20 @@ def validate_config(cfg: DictConfig) -> None:
                           "the token critic; set critic.enable=True")
     if _get(cfg, "lora.rank") is not None:
         _positive_int(cfg, "lora.rank", 0)
+    unknown = set(_get(cfg, "trainer.logger") or []) - {"console", "tensorboard"}
+    if unknown:
+        raise ConfigError(f"trainer.logger: unknown sink(s) {sorted(unknown)}; allowed: console, tensorboard")
+    pairs = [("actor_rollout_ref.actor.ppo_mini_batch_size", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu")]
+    if critic_on:
+        pairs.append(("critic.ppo_mini_batch_size", "critic.ppo_micro_batch_size_per_gpu"))
+    for mini_key, micro_key in pairs:
+        mini, micro = _get(cfg, mini_key), _get(cfg, micro_key)
+        if isinstance(mini, int) and isinstance(micro, int) and micro > 0 and mini % micro:
+            raise ConfigError(f"{mini_key}={mini} must be a multiple of {micro_key}={micro}")
+    seed_val, seed_train = int(_get(cfg, "seed.val") or 0), int(_get(cfg, "seed.train") or 0)
+    if seed_val + int(_get(cfg, "es_manager.val.env_groups")) > seed_train:
+        raise ConfigError("seed.val + es_manager.val.env_groups must be <= seed.train "
+                          "(validation seeds would overlap training seeds)")
 
 
 def check_backend_available(cfg: DictConfig) -> None:
