@@ -384,7 +384,8 @@ def test_turn_records_consistent_with_rows(tok):
         full = tok.decode(out.batch["input_ids"][b, :n].tolist())
         assert sum(r["reward"] for r in records) == pytest.approx(out.batch["token_level_rewards"][b].sum().item())
         for t, r in enumerate(records):
-            assert set(r) == {"obs", "action", "reward", "next_obs", "done"}
+            assert set(r) == {"obs", "action", "reward", "next_obs", "done", "num_tokens"}
+            assert r["num_tokens"] == len(tok(r["action"], add_special_tokens=False)["input_ids"]) + 1
             assert full.startswith(r["obs"] + r["action"])
             if t + 1 < len(records):
                 assert r["next_obs"] == records[t + 1]["obs"] and not r["done"]
@@ -517,3 +518,23 @@ def test_frozenlake_two_turn_dialogue(tok):
     records = out.non_tensor_batch["turn_records"][0]
     assert len(records) >= 1 and records[0]["obs"].startswith("<|im_start|>system\n")
     assert out.batch["input_ids"].shape[0] == 1
+
+
+@pytest.mark.parametrize("prefill", [False, True])
+def test_format_warmup_batch_is_well_formed_random_actions(tok, prefill):
+    p, workers = proxy(tok, lambda *a: "unused", **{"agent_proxy.prefill_answer": prefill})
+    batch = p.format_warmup_batch(step=0)
+    assert not workers.calls  # no generation: the replies are written, not sampled
+    mask = batch.batch["loss_mask"]
+    seen = set()
+    for b in range(mask.shape[0]):
+        assert len(runs(mask[b].tolist())) == 1
+        reply = tok.decode(batch.batch["input_ids"][b][mask[b].bool()].tolist())
+        assert reply.endswith("<|im_end|>")
+        actions, ok = p.ctx.parse_response(reply.replace("<|im_end|>", ""))
+        assert ok and len(actions) == 1 and actions[0] in ("Left", "Right")
+        seen.add(actions[0])
+    assert torch.all(batch.batch["token_level_rewards"] == 0)
+    # warm-up seeds lie below seed.train and differ from the step's training seeds
+    train_seeds = {p.env_manager("train").group_seed(0, g) for g in range(2)}
+    assert not train_seeds & set(LineEnv.created[-1].seeds[-1:])

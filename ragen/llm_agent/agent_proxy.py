@@ -176,6 +176,33 @@ class AgentProxy:
             result.append(ids[: self.response_length])
         return result
 
+    # ------------------------------------------------------------------ format warm-up
+    def format_warmup_batch(self, step: int) -> DataProto:
+        """First-turn prompts of the train envs, each answered by a well-formed reply with ONE uniformly
+        random valid action (``<answer>Action</answer>`` + end of turn), loss mask on the reply.
+
+        Used for the supervised format warm-up (``format_warmup.steps``): it teaches the answer format and
+        the action names, not the task, since the action is random.  Seeds come from the val-free range
+        below ``seed.train`` walked backwards, so they overlap neither training nor validation seeds.
+        """
+        esm = self.env_manager("train")
+        base = int(cfg_get(self.config, "seed.train", 0))
+        rng = np.random.default_rng(base + 7919 * (int(step) + 1))
+        dialogues, scores, uids = [], [], []
+        for i, state in enumerate(esm.reset(step)):
+            # reset() picked training seeds; re-seed each env with a warm-up seed of its own
+            seed = base - 1 - (int(step) * len(esm.envs) + i) % max(1, base // 2)
+            obs = state.env.reset(seed)
+            dlg = self.ctx.start(state.instruction, obs, state.max_actions)
+            action = state.env.valid_actions[int(rng.integers(len(state.env.valid_actions)))]
+            reply = self.ctx.format_example(action)
+            self.ctx.append_response(dlg, self.ctx.encode(reply) + [self.ctx.eot_id])
+            dialogues.append(dlg)
+            scores.append([0.0])
+            uids.append(f"warmup-{step}-{i}")
+        tensors = build_batch(dialogues, scores, self.ctx.pad_id, use_turn_scores=True)
+        return DataProto.from_dict(tensors=tensors, non_tensors={"uid": _object_array(uids)})
+
     # ------------------------------------------------------------------ rollout
     def rollout(self, mode: str = "train", step: int = 0) -> DataProto:
         if mode not in ("train", "val"):

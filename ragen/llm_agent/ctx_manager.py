@@ -183,6 +183,11 @@ class ContextManager:
     def dialogue_text(self, dlg: Dialogue) -> str:
         return self.decode(dlg.input_ids)
 
+    def format_example(self, action: str) -> str:
+        """A well-formed reply choosing ``action`` (what follows the prefill when it is on)."""
+        full = f"<answer>{action}</answer>"
+        return full[len(self.prefill):] if full.startswith(self.prefill) else full
+
     # ------------------------------------------------------------------ parsing
     def parse_response(self, text: str) -> tuple[list[str], bool]:
         """``(actions, format_ok)`` from a generated reply (which follows the prefill when it is on)."""

@@ -223,6 +223,30 @@ class AgentTrainer:
         metrics["perf/env_steps"] = float(metrics.get("train/env/all/num_actions", 0.0) * len(batch))
         return metrics
 
+    def format_warmup(self) -> list[dict[str, float]]:
+        """Supervised format warm-up (``format_warmup.steps``) before RL, through the worker protocol.
+
+        Each step takes the train envs' first prompts answered with a well-formed reply naming a uniformly
+        random valid action and runs ``update_actor`` with advantage 1 on the reply tokens: with fresh
+        old log-probs the PPO ratio starts at 1, so this is the log-likelihood gradient (clipped like PPO).
+        It teaches the answer format and the action names — the action is random, so not the task.
+        """
+        steps = int(OmegaConf.select(self.config, "format_warmup.steps", default=0) or 0)
+        logged = []
+        for step in tqdm(range(steps), desc="format warm-up", dynamic_ncols=True, disable=steps == 0):
+            batch = self.proxy.format_warmup_batch(step)
+            batch.meta_info["temperature"] = float(self.config.actor_rollout_ref.rollout.temperature)
+            batch = batch.union(self.workers.compute_log_probs(batch))
+            if self.needs_reference:
+                batch = batch.union(self.workers.compute_ref_log_probs(batch))
+            batch.batch["advantages"] = batch.batch["loss_mask"].clone()
+            metrics = self.workers.update_actor(batch)
+            nll = -(batch.batch["old_log_probs"] * batch.batch["loss_mask"]).sum() / batch.batch["loss_mask"].sum()
+            record = {"warmup/step": float(step), "warmup/nll": float(nll), **{f"warmup/{k}": v for k, v in metrics.items()}}
+            self.tracker.log(record, -steps + step)
+            logged.append(record)
+        return logged
+
     def validate(self, step: int) -> dict[str, float]:
         batch = self.proxy.rollout("val", step)
         return {f"val/{k}": v for k, v in batch.meta_info.get("metrics", {}).items()}
@@ -277,6 +301,8 @@ class AgentTrainer:
                 self.load_checkpoint(latest)
                 self.console(f"resumed from {latest} (step {self.global_step})")
         total = int(cfg.total_training_steps)
+        if self.global_step == 0:
+            self.format_warmup()
         if bool(cfg.val_before_train) and self.global_step == 0:
             val = self.validate(0)
             self.tracker.log(val, 0)

@@ -97,7 +97,7 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg, "actor_rollout_ref.actor.policy_loss", ("ppo", "reinforce"))
     _choice(cfg, "trainer.backend", BACKENDS)
     _choice(cfg, "trainer.device", ("auto", "cpu", "cuda"))
-    _choice(cfg, "trainer.precision", ("bf16", "fp32"))
+    _choice(cfg, "trainer.precision", ("auto", "bf16", "fp32"))
     _choice(cfg, "trainer.resume_mode", ("auto", "disable"))
 
     _positive_int(cfg, "archer.warmup_iters", 0)
