@@ -1,0 +1,410 @@
+"""Sample efficiency of the advantage estimators: validation success against environment steps.
+
+    python bench/sample_efficiency.py --tasks frozenlake sokoban --seeds 3      # the full benchmark
+    python bench/sample_efficiency.py --quick                                   # tiny smoke run (~1 min)
+    python bench/sample_efficiency.py --tasks bandit --seeds 2                  # quick sanity check
+    python bench/sample_efficiency.py --report-only                             # re-plot / re-summarise
+
+Every run trains through the project's own trainer (``ragen.trainer.agent_trainer.AgentTrainer`` on a
+Hydra-composed ``config/base.yaml`` + the overrides below: agent proxy, loss masks, estimators, workers),
+with the SAME rollout budget and settings for every estimator; only ``algorithm.adv_estimator`` (and, for
+ArCHer, ``archer.critic.type``) differ.  Estimators:
+
+* ``archer_utterance`` - archer, utterance-level double Q/V critic (``archer.critic.type=utterance``)
+* ``archer_token``     - archer, Q/V from the token critic (``archer.critic.type=token``)
+* ``gae``, ``grpo``, ``bi_level_gae``
+
+The policy is the small from-scratch Llama of ``bench/small_policy.py`` (word-level tokenizer, ChatML
+template), format-warmed-up ONCE per task on uniformly random valid actions and saved under
+``bench/results/policies/<task>``; every run loads it with ``model_path=<dir>``.
+
+Each run is a subprocess (1 torch thread; ``--workers`` of them at a time) that writes
+``bench/results/runs/<task>/<estimator>/seed<k>.json``; runs whose file exists are skipped (resumable).
+Outputs: ``bench/results/sample_efficiency.csv`` / ``.json`` (every point: task, estimator, seed, step,
+cumulative env steps, elapsed wall seconds, validation / train success), ``<task>.png`` (mean +- min/max
+over seeds vs env steps) and ``summary.md`` (env steps to the success threshold, final success).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+RESULTS = os.path.join(HERE, "results")
+
+ESTIMATORS: dict[str, list[str]] = {
+    "archer_utterance": ["algorithm.adv_estimator=archer", "archer.critic.type=utterance"],
+    "archer_token": ["algorithm.adv_estimator=archer", "archer.critic.type=token"],
+    "gae": ["algorithm.adv_estimator=gae"],
+    "grpo": ["algorithm.adv_estimator=grpo"],
+    "bi_level_gae": ["algorithm.adv_estimator=bi_level_gae"],
+}
+
+# per task: env tag, env type (warm-up actions), task-specific overrides, success threshold, train steps
+TASKS: dict[str, dict[str, Any]] = {
+    "frozenlake": {
+        "tag": "FrozenLake", "env_type": "frozenlake", "threshold": 0.3, "steps": 20,
+        "overrides": ["agent_proxy.max_turn=6", "custom_envs.FrozenLake.max_actions_per_traj=6",
+                      "custom_envs.FrozenLake.env_config.size=4", "custom_envs.FrozenLake.env_config.p=0.8",
+                      "custom_envs.FrozenLake.env_config.is_slippery=false"],
+    },
+    "sokoban": {
+        "tag": "SimpleSokoban", "env_type": "sokoban", "threshold": 0.3, "steps": 20,
+        "overrides": ["agent_proxy.max_turn=5", "custom_envs.SimpleSokoban.max_actions_per_traj=5",
+                      "custom_envs.SimpleSokoban.env_config.dim_room=[6,6]",
+                      "custom_envs.SimpleSokoban.env_config.num_boxes=1",
+                      "custom_envs.SimpleSokoban.env_config.search_depth=30"],
+    },
+    "bandit": {
+        "tag": "Bandit", "env_type": "bandit", "threshold": 0.9, "steps": 15,
+        "overrides": ["agent_proxy.max_turn=1",
+                      # every Bandit prompt is identical: greedy validation would be all-or-nothing, so sample
+                      "actor_rollout_ref.rollout.val_kwargs.do_sample=true",
+                      "actor_rollout_ref.rollout.val_kwargs.temperature=1.0"],
+    },
+}
+
+# the same for every estimator, task and seed
+SHARED = [
+    "micro_batch_size_per_gpu=16", "ppo_mini_batch_size=16",
+    "es_manager.train.env_groups=4", "es_manager.train.group_size=4",
+    "es_manager.val.env_groups=32", "es_manager.val.group_size=1",
+    "es_manager.format_penalty=-0.1",
+    "agent_proxy.max_actions_per_turn=1", "agent_proxy.prefill_answer=true", "agent_proxy.enable_think=false",
+    "agent_proxy.use_turn_scores=true",
+    "actor_rollout_ref.rollout.response_length=4", "actor_rollout_ref.rollout.temperature=1.0",
+    "actor_rollout_ref.model.enable_gradient_checkpointing=false",
+    "actor_rollout_ref.actor.optim.lr=1e-3", "actor_rollout_ref.actor.ppo_epochs=1",
+    "critic.optim.lr=1e-3",
+    "algorithm.gamma=1.0", "algorithm.lam=1.0", "algorithm.high_level_gamma=0.95",
+    "archer.alpha=0.1", "archer.warmup_iters=0",
+    "archer.critic.backbone=hashing", "archer.critic.hidden_size=64", "archer.critic.lr=1e-3",
+    "archer.critic.updates=20", "archer.critic.batch_size=64", "archer.replay.capacity=10000",
+    "trainer.device=cpu", "trainer.precision=fp32", "trainer.logger=[console]", "trainer.save_freq=0",
+    "trainer.test_freq=5", "trainer.val_before_train=true", "trainer.resume_mode=disable",
+    "seed.val=123",
+]
+QUICK = ["es_manager.train.env_groups=2", "es_manager.train.group_size=2", "es_manager.val.env_groups=4",
+         "micro_batch_size_per_gpu=4", "ppo_mini_batch_size=4", "trainer.test_freq=1",
+         "archer.critic.updates=2", "archer.critic.batch_size=8"]
+
+
+# --------------------------------------------------------------------------------------------- config
+def task_overrides(task: str, quick: bool = False) -> list[str]:
+    spec = TASKS[task]
+    tag = spec["tag"]
+    shared = SHARED + (QUICK if quick else [])
+    groups = {"train": 4, "val": 32}
+    for o in shared:  # n_groups must follow env_groups (single tag per task)
+        for mode in groups:
+            if o.startswith(f"es_manager.{mode}.env_groups="):
+                groups[mode] = int(o.split("=")[1])
+    return shared + [
+        f"es_manager.train.env_configs.tags=[{tag}]", f"es_manager.train.env_configs.n_groups=[{groups['train']}]",
+        f"es_manager.val.env_configs.tags=[{tag}]", f"es_manager.val.env_configs.n_groups=[{groups['val']}]",
+    ] + spec["overrides"]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "config"), version_base=None):
+        return hydra_compose(config_name="base", overrides=list(overrides))
+
+
+def run_overrides(task: str, estimator: str, seed: int, policy_dir: str, out_dir: str, steps: int,
+                  quick: bool = False, extra: list[str] = ()) -> list[str]:
+    return task_overrides(task, quick) + ESTIMATORS[estimator] + [
+        f"model_path={policy_dir}", f"trainer.total_training_steps={steps}", f"trainer.default_local_dir={out_dir}",
+        f"trainer.experiment_name={task}-{estimator}-seed{seed}", f"seed.train={10000 + 100000 * seed}",
+    ] + list(extra)
+
+
+# --------------------------------------------------------------------------------------------- policy
+def ensure_policy(task: str, results: str, quick: bool, warmup_steps: int, log=print) -> str:
+    """The format-warmed-up policy of ``task`` (built once; later calls reuse it)."""
+    from bench.small_policy import build_policy_dir, format_warmup
+
+    directory = os.path.join(results, "policies", task)
+    if os.path.isfile(os.path.join(directory, "format_warmup.json")):
+        return directory
+    cfg = compose(task_overrides(task, quick) + ["model_path=tiny-random"])
+    tmp = directory + ".tmp"
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_policy_dir(tmp, cfg, seed=0)
+    log(f"[{task}] format warm-up ({warmup_steps} steps, random valid actions) -> {directory}")
+    report = format_warmup(tmp, cfg, TASKS[task]["env_type"], steps=warmup_steps,
+                           n_rollouts=2 if quick else 12, log=log)
+    log(f"[{task}] warm-up done: reply CE {report['final_loss']:.3f}, {report['wall_s']:.0f} s")
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory
+
+
+# --------------------------------------------------------------------------------------------- one run
+def train_one(task: str, estimator: str, seed: int, policy_dir: str, out_json: str, steps: int, quick: bool,
+              extra: list[str]) -> dict[str, Any]:
+    """Train one (task, estimator, seed) in this process and write its points to ``out_json``."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    import ragen  # noqa: F401  (registers the estimators with veRL)
+    from ragen.trainer.agent_trainer import AgentTrainer
+
+    out_dir = os.path.join(os.path.dirname(out_json), f"seed{seed}_trainer")
+    cfg = compose(run_overrides(task, estimator, seed, policy_dir, out_dir, steps, quick, extra))
+    start = time.perf_counter()
+    trainer = AgentTrainer(cfg)
+    setup_s = time.perf_counter() - start
+    inner = trainer.train_step
+
+    def timed_step(step: int) -> dict[str, float]:
+        metrics = inner(step)
+        metrics["bench/elapsed_s"] = time.perf_counter() - start
+        return metrics
+
+    trainer.train_step = timed_step
+    history = trainer.fit()
+    total_s = time.perf_counter() - start
+    points, cum_env, cum_train = [], 0.0, 0.0
+    for h in history:
+        cum_env += float(h.get("perf/env_steps", 0.0))
+        cum_train += float(h.get("timing/step_s", 0.0))
+        points.append({
+            "step": int(h["step"]), "env_steps": cum_env, "train_wall_s": cum_train,
+            "elapsed_s": float(h.get("bench/elapsed_s", setup_s)),
+            "val_success": h.get("val/env/all/success_rate"), "train_success": h.get("train/env/all/success_rate"),
+            "val_format_ok": h.get("val/env/all/format_ok_rate"), "train_reward": h.get("train/env/all/reward"),
+        })
+    result = {"task": task, "estimator": estimator, "seed": seed, "steps": steps, "setup_s": setup_s,
+              "total_s": total_s, "overrides": run_overrides(task, estimator, seed, policy_dir, out_dir, steps,
+                                                             quick, extra), "points": points}
+    os.makedirs(os.path.dirname(out_json), exist_ok=True)
+    with open(out_json + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(out_json + ".tmp", out_json)
+    return result
+
+
+def launch(job: dict[str, Any]) -> tuple[dict[str, Any], int, float]:
+    """Run one job in a subprocess (isolated RNG state, 1 thread); returns (job, return code, seconds)."""
+    os.makedirs(os.path.dirname(job["out"]), exist_ok=True)
+    log_path = job["out"][: -len(".json")] + ".log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, os.path.abspath(__file__), "--_run", job["task"], job["estimator"], str(job["seed"]),
+           job["policy"], job["out"], str(job["steps"])] + (["--quick"] if job["quick"] else [])
+    for o in job["extra"]:
+        cmd += ["--set", o]
+    tick = time.time()
+    with open(log_path, "w", encoding="utf-8") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    return job, rc, time.time() - tick
+
+
+# --------------------------------------------------------------------------------------------- report
+def load_results(results: str, tasks: list[str], estimators: list[str], seeds: int, tag: str = "") -> list[dict]:
+    runs = []
+    for task in tasks:
+        for est in estimators:
+            for seed in range(seeds):
+                path = os.path.join(results, "runs" + tag, task, est, f"seed{seed}.json")
+                if os.path.isfile(path):
+                    with open(path, encoding="utf-8") as fh:
+                        runs.append(json.load(fh))
+    return runs
+
+
+def first_reach(points: list[dict], threshold: float) -> float | None:
+    for p in points:
+        if p["val_success"] is not None and p["val_success"] >= threshold:
+            return p["env_steps"]
+    return None
+
+
+def final_val(points: list[dict]) -> float:
+    vals = [p["val_success"] for p in points if p["val_success"] is not None]
+    return vals[-1] if vals else float("nan")
+
+
+def write_points(runs: list[dict], results: str, stem: str) -> None:
+    fields = ["task", "estimator", "seed", "step", "env_steps", "train_wall_s", "elapsed_s", "val_success",
+              "train_success", "val_format_ok", "train_reward"]
+    rows = [{"task": r["task"], "estimator": r["estimator"], "seed": r["seed"], **p} for r in runs for p in r["points"]]
+    with open(os.path.join(results, stem + ".csv"), "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+    with open(os.path.join(results, stem + ".json"), "w", encoding="utf-8") as fh:
+        json.dump({"runs": [{k: v for k, v in r.items()} for r in runs]}, fh, indent=1)
+
+
+def plot_task(runs: list[dict], task: str, estimators: list[str], path: str, threshold: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for est in estimators:
+        mine = [r for r in runs if r["task"] == task and r["estimator"] == est]
+        if not mine:
+            continue
+        curves = [[(p["env_steps"], p["val_success"]) for p in r["points"] if p["val_success"] is not None]
+                  for r in mine]
+        n = min(len(c) for c in curves)
+        if n == 0:
+            continue
+        xs = np.mean([[c[i][0] for i in range(n)] for c in curves], axis=0)
+        ys = np.array([[c[i][1] for i in range(n)] for c in curves])
+        mean = ys.mean(0)
+        line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{est} (n={len(mine)})")
+        ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
+    ax.axhline(threshold, color="gray", ls="--", lw=1, label=f"threshold {threshold}")
+    ax.set_xlabel("cumulative environment steps (training rollouts)")
+    ax.set_ylabel("validation success rate (greedy)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{task}: mean over seeds, band = min..max")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary_table(runs: list[dict], tasks: list[str], estimators: list[str], thresholds: dict[str, float]) -> str:
+    lines = []
+    for task in tasks:
+        thr = thresholds[task]
+        lines += [f"### {task} (threshold: validation success >= {thr})", "",
+                  "| estimator | seeds | reached | env steps to threshold (mean over reaching seeds) | "
+                  "initial val success | final val success (mean +- std) | best val success | "
+                  "wall s / run |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for est in estimators:
+            mine = [r for r in runs if r["task"] == task and r["estimator"] == est]
+            if not mine:
+                continue
+            reach = [first_reach(r["points"], thr) for r in mine]
+            hit = [x for x in reach if x is not None]
+            finals = [final_val(r["points"]) for r in mine]
+            inits = [next((p["val_success"] for p in r["points"] if p["val_success"] is not None), float("nan"))
+                     for r in mine]
+            bests = [max((p["val_success"] for p in r["points"] if p["val_success"] is not None), default=0.0)
+                     for r in mine]
+            mean_f = sum(finals) / len(finals)
+            std_f = math.sqrt(sum((f - mean_f) ** 2 for f in finals) / len(finals))
+            steps_txt = f"{sum(hit) / len(hit):.0f}" if hit else "not reached"
+            lines.append(f"| {est} | {len(mine)} | {len(hit)}/{len(mine)} | {steps_txt} | "
+                         f"{sum(inits) / len(inits):.3f} | {mean_f:.3f} +- {std_f:.3f} | "
+                         f"{sum(bests) / len(bests):.3f} | {sum(r['total_s'] for r in mine) / len(mine):.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def report(results: str, tasks: list[str], estimators: list[str], seeds: int, tag: str = "",
+           header: str = "") -> str:
+    runs = load_results(results, tasks, estimators, seeds, tag)
+    if not runs:
+        return "no results yet"
+    stem = "sample_efficiency" + tag
+    write_points(runs, results, stem)
+    for task in tasks:
+        if any(r["task"] == task for r in runs):
+            plot_task(runs, task, estimators, os.path.join(results, f"{task}{tag}.png"), TASKS[task]["threshold"])
+    table = summary_table(runs, tasks, estimators, {t: TASKS[t]["threshold"] for t in tasks})
+    text = (header + "\n\n" if header else "") + table
+    with open(os.path.join(results, f"summary{tag}.md"), "w", encoding="utf-8") as fh:
+        fh.write(text + "\n")
+    return text
+
+
+# --------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=["frozenlake", "sokoban"], choices=sorted(TASKS))
+    p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: per task)")
+    p.add_argument("--workers", type=int, default=2, help="runs in parallel (1 torch thread each)")
+    p.add_argument("--warmup-steps", type=int, default=150, help="format warm-up steps (once per task)")
+    p.add_argument("--results", default=RESULTS)
+    p.add_argument("--tag", default="", help="suffix for a variant (runs<tag>/, summary<tag>.md, ...)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra override for every run (use with --tag)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run: 1 seed, 2 steps, tiny batches")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--_run", nargs=6, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args._run:
+        task, est, seed, policy, out, steps = args._run
+        train_one(task, est, int(seed), policy, out, int(steps), args.quick, args.set)
+        return 0
+
+    results = os.path.abspath(args.results)
+    if args.quick:
+        results = os.path.join(results, "quick") if args.results == RESULTS else results
+        args.seeds = 1
+    os.makedirs(results, exist_ok=True)
+    from tqdm.auto import tqdm
+
+    if not args.report_only:
+        wall0 = time.time()
+        jobs = []
+        for task in args.tasks:
+            policy = ensure_policy(task, results, args.quick, 20 if args.quick else args.warmup_steps,
+                                   log=tqdm.write)
+            steps = 2 if args.quick else (args.steps or TASKS[task]["steps"])
+            for seed in range(args.seeds):
+                for est in args.estimators:
+                    out = os.path.join(results, "runs" + args.tag, task, est, f"seed{seed}.json")
+                    jobs.append({"task": task, "estimator": est, "seed": seed, "policy": policy, "out": out,
+                                 "steps": steps, "quick": args.quick, "extra": args.set})
+        todo = [j for j in jobs if not os.path.isfile(j["out"])]
+        tqdm.write(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to go "
+                   f"({args.workers} at a time)")
+        failed = []
+        with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="runs", dynamic_ncols=True) as bar:
+            with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+                futures = [pool.submit(launch, j) for j in todo]
+                for fut in as_completed(futures):
+                    job, rc, secs = fut.result()
+                    name = f"{job['task']}/{job['estimator']}/seed{job['seed']}"
+                    if rc != 0:
+                        failed.append(name)
+                        tqdm.write(f"FAILED {name} (rc={rc}); log: {job['out'][:-5]}.log")
+                    else:
+                        with open(job["out"], encoding="utf-8") as fh:
+                            res = json.load(fh)
+                        tqdm.write(f"done {name}: {secs:.0f} s, final val success {final_val(res['points']):.3f}")
+                    bar.update(1)
+        tqdm.write(f"benchmark wall time {time.time() - wall0:.0f} s")
+        if failed:
+            tqdm.write("failed runs: " + ", ".join(failed))
+    header = ("Sample efficiency (validation success vs env steps); settings: see bench/sample_efficiency.py"
+              + (f"; variant {args.tag}: {' '.join(args.set)}" if args.tag else ""))
+    print(report(results, args.tasks, args.estimators, args.seeds, args.tag, header))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

