@@ -386,6 +386,19 @@ def _config_get(config: Any, key: str, default: Any) -> Any:
     return getattr(config, key, default)
 
 
+def _discounts(config: Any) -> dict[str, float]:
+    """gamma, lam and high_level_gamma from veRL's algorithm config (defaults as config/base.yaml)."""
+    return {"gamma": _config_get(config, "gamma", 1.0), "lam": _config_get(config, "lam", 1.0),
+            "high_level_gamma": _config_get(config, "high_level_gamma", 0.95)}
+
+
+def _require_values(name: str, values: Optional[torch.Tensor], fn: str) -> torch.Tensor:
+    if values is None:
+        raise MissingValuesError(
+            f"adv_estimator '{name}' was reached without token values. " + _HOW_TO_GET_VALUES.format(fn=fn))
+    return values
+
+
 def _archer_from_verl(
     token_level_rewards: torch.Tensor,
     response_mask: torch.Tensor,
@@ -397,24 +410,10 @@ def _archer_from_verl(
     **unused: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``archer`` as veRL calls it (keyword arguments of ``compute_advantage``), plus ``values``."""
-    if values is None:
-        raise MissingValuesError(
-            "adv_estimator 'archer' was reached without token values. "
-            + _HOW_TO_GET_VALUES.format(fn="compute_archer_advantage_return")
-        )
-    archer_cfg = _config_get(config, "archer", None)
-    alpha = _config_get(config, "archer_alpha", _config_get(archer_cfg, "alpha", 0.1))
-    return compute_archer_advantage_return(
-        token_level_rewards,
-        values,
-        response_mask,
-        gamma=_config_get(config, "gamma", 1.0),
-        lam=_config_get(config, "lam", 1.0),
-        high_level_gamma=_config_get(config, "high_level_gamma", 0.95),
-        archer_alpha=alpha,
-        turn_q=turn_q,
-        turn_v=turn_v,
-    )
+    values = _require_values("archer", values, "compute_archer_advantage_return")
+    alpha = _config_get(config, "archer_alpha", _config_get(_config_get(config, "archer", None), "alpha", 0.1))
+    return compute_archer_advantage_return(token_level_rewards, values, response_mask, archer_alpha=alpha,
+                                           turn_q=turn_q, turn_v=turn_v, **_discounts(config))
 
 
 def _bi_level_gae_from_verl(
@@ -426,19 +425,8 @@ def _bi_level_gae_from_verl(
     **unused: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``bi_level_gae`` as veRL calls it, plus ``values``."""
-    if values is None:
-        raise MissingValuesError(
-            "adv_estimator 'bi_level_gae' was reached without token values. "
-            + _HOW_TO_GET_VALUES.format(fn="compute_bi_level_gae_advantage_return")
-        )
-    return compute_bi_level_gae_advantage_return(
-        token_level_rewards,
-        values,
-        response_mask,
-        gamma=_config_get(config, "gamma", 1.0),
-        lam=_config_get(config, "lam", 1.0),
-        high_level_gamma=_config_get(config, "high_level_gamma", 0.95),
-    )
+    values = _require_values("bi_level_gae", values, "compute_bi_level_gae_advantage_return")
+    return compute_bi_level_gae_advantage_return(token_level_rewards, values, response_mask, **_discounts(config))
 
 
 VERL_ESTIMATORS = {"archer": _archer_from_verl, "bi_level_gae": _bi_level_gae_from_verl}

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from verl import DataProto
 
 from ragen.models import load_causal_lm, load_tokenizer, load_value_model
+from ragen.workers.protocol import Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -431,15 +432,12 @@ class LocalWorkers:
         ids = prompts.batch["input_ids"]
         mask = prompts.batch["attention_mask"]
         mi = dict(prompts.meta_info or {})
-        max_new = int(mi.get("max_new_tokens", self.default_max_new_tokens))
-        temperature = float(mi.get("temperature", self.default_temperature))
-        do_sample = bool(mi.get("do_sample", True)) and temperature > 0
-        top_p = float(mi.get("top_p", self.default_top_p))
-        top_k = int(mi.get("top_k", self.default_top_k))
-        seed = mi.get("seed")
+        sampling = Sampling.from_meta(mi, max_new_tokens=self.default_max_new_tokens,
+                                      temperature=self.default_temperature, top_p=self.default_top_p,
+                                      top_k=self.default_top_k, eos_token_id=self.eos_token_id)
+        max_new, temperature, do_sample = sampling.max_new_tokens, sampling.temperature, sampling.do_sample
+        top_p, top_k, seed, eos_ids = sampling.top_p, sampling.top_k, sampling.seed, sampling.eos_ids
         micro = int(mi.get("micro_batch_size", self.gen_micro))
-        eos = mi.get("eos_token_id", self.eos_token_id)
-        eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
         gen_kwargs: dict[str, Any] = dict(
             max_new_tokens=max_new,
             do_sample=do_sample,

@@ -5,7 +5,8 @@ Every method takes and returns ``verl.DataProto`` (or a metrics dict), so the fi
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
 from verl import DataProto
@@ -45,3 +46,33 @@ class Workers(Protocol):
     def save_checkpoint(self, directory: str) -> None: ...
 
     def load_checkpoint(self, directory: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What a ``generate`` request asks for, read from its ``meta_info`` with the worker's defaults."""
+
+    max_new_tokens: int
+    temperature: float
+    do_sample: bool  # False also when temperature <= 0 (greedy)
+    top_p: float
+    top_k: int
+    seed: Optional[int]
+    eos_ids: list[int]
+
+    @classmethod
+    def from_meta(cls, meta_info: Optional[dict], *, max_new_tokens: int, temperature: float, top_p: float,
+                  top_k: int, eos_token_id: Any) -> "Sampling":
+        meta = dict(meta_info or {})
+        temp = float(meta.get("temperature", temperature))
+        eos = meta.get("eos_token_id", eos_token_id)
+        seed = meta.get("seed")
+        return cls(
+            max_new_tokens=int(meta.get("max_new_tokens", max_new_tokens)),
+            temperature=temp,
+            do_sample=bool(meta.get("do_sample", True)) and temp > 0,
+            top_p=float(meta.get("top_p", top_p)),
+            top_k=int(meta.get("top_k", top_k)),
+            seed=None if seed is None else int(seed),
+            eos_ids=[int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])],
+        )

@@ -32,6 +32,8 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from verl import DataProto
 
+from ragen.workers.protocol import Sampling
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -779,18 +781,16 @@ class VerlWorkers:
         self._require_started()
         ids = prompts.batch["input_ids"]
         mask = prompts.batch["attention_mask"]
-        mi = dict(prompts.meta_info or {})
-        max_new = int(mi.get("max_new_tokens", self.default_max_new_tokens))
-        temperature = float(mi.get("temperature", self.default_temperature))
-        do_sample = bool(mi.get("do_sample", True)) and temperature > 0
-        eos = mi.get("eos_token_id", self.eos_token_id)
-        eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-        seed = mi.get("seed")
+        sampling = Sampling.from_meta(prompts.meta_info, max_new_tokens=self.default_max_new_tokens,
+                                      temperature=self.default_temperature, top_p=self.default_top_p,
+                                      top_k=self.default_top_k, eos_token_id=self.eos_token_id)
+        max_new, temperature, do_sample = sampling.max_new_tokens, sampling.temperature, sampling.do_sample
+        eos_ids, seed = sampling.eos_ids, sampling.seed
         params: dict[str, Any] = {
             "max_tokens": max_new,
             "temperature": temperature if do_sample else 0.0,
-            "top_p": float(mi.get("top_p", self.default_top_p)) if do_sample else 1.0,
-            "top_k": int(mi.get("top_k", self.default_top_k)) if do_sample else -1,
+            "top_p": sampling.top_p if do_sample else 1.0,
+            "top_k": sampling.top_k if do_sample else -1,
             "stop_token_ids": eos_ids,
             "logprobs": False,
         }
