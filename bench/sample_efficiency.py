@@ -320,8 +320,42 @@ def summary_table(runs: list[dict], tasks: list[str], estimators: list[str], thr
     return "\n".join(lines)
 
 
+def _reach_final(mine: list[dict], thr: float) -> tuple[str, str, str, str]:
+    """(reached k/n, mean env steps to threshold over reaching seeds, final val mean +- std, env steps/run)."""
+    reach = [first_reach(r["points"], thr) for r in mine]
+    hit = [x for x in reach if x is not None]
+    finals = [final_val(r["points"]) for r in mine]
+    mean_f = sum(finals) / len(finals)
+    std_f = math.sqrt(sum((f - mean_f) ** 2 for f in finals) / len(finals))
+    budget = sum(r["points"][-1]["env_steps"] for r in mine if r["points"]) / len(mine)
+    return (f"{len(hit)}/{len(mine)}", f"{sum(hit) / len(hit):.0f}" if hit else "not reached",
+            f"{mean_f:.3f} +- {std_f:.3f}", f"{budget:.0f}")
+
+
+def compare_table(results: str, tasks: list[str], estimators: list[str], seeds: int,
+                  variants: list[tuple[str, str]]) -> str:
+    """Side-by-side table of several variants (``(label, tag)``; tag ``""`` = the default run)."""
+    per = {label: load_results(results, tasks, estimators, seeds, tag) for label, tag in variants}
+    lines = []
+    for task in tasks:
+        thr = TASKS[task]["threshold"]
+        head = "| estimator | " + " | ".join(
+            f"{lab}: reached | {lab}: env steps to thr. | {lab}: final val success | {lab}: env steps / run"
+            for lab, _ in variants) + " |"
+        lines += [f"### {task}: side by side (threshold: validation success >= {thr})", "", head,
+                  "|---|" + "---|---|---|---|" * len(variants)]
+        for est in estimators:
+            cells = []
+            for lab, _ in variants:
+                mine = [r for r in per[lab] if r["task"] == task and r["estimator"] == est]
+                cells += list(_reach_final(mine, thr)) if mine else ["-"] * 4
+            lines.append(f"| {est} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def report(results: str, tasks: list[str], estimators: list[str], seeds: int, tag: str = "",
-           header: str = "") -> str:
+           header: str = "", compare: list[tuple[str, str]] = ()) -> str:
     runs = load_results(results, tasks, estimators, seeds, tag)
     if not runs:
         return "no results yet"
@@ -332,6 +366,8 @@ def report(results: str, tasks: list[str], estimators: list[str], seeds: int, ta
             plot_task(runs, task, estimators, os.path.join(results, f"{task}{tag}.png"), TASKS[task]["threshold"])
     table = summary_table(runs, tasks, estimators, {t: TASKS[t]["threshold"] for t in tasks})
     text = (header + "\n\n" if header else "") + table
+    if compare:
+        text += "\n" + compare_table(results, tasks, estimators, seeds, list(compare))
     with open(os.path.join(results, f"summary{tag}.md"), "w", encoding="utf-8") as fh:
         fh.write(text + "\n")
     return text
@@ -350,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="suffix for a variant (runs<tag>/, summary<tag>.md, ...)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for every run (use with --tag)")
+    p.add_argument("--compare", action="append", default=[], metavar="LABEL=TAG",
+                   help="add a side-by-side table of these variants to the summary (TAG empty = default run), "
+                        "e.g. --compare round1= --compare round2=_round2")
+    p.add_argument("--notes", default="", help="free text appended to the summary header")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: 1 seed, 2 steps, tiny batches")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--_run", nargs=6, help=argparse.SUPPRESS)
@@ -402,7 +442,10 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write("failed runs: " + ", ".join(failed))
     header = ("Sample efficiency (validation success vs env steps); settings: see bench/sample_efficiency.py"
               + (f"; variant {args.tag}: {' '.join(args.set)}" if args.tag else ""))
-    print(report(results, args.tasks, args.estimators, args.seeds, args.tag, header))
+    if args.notes:
+        header += "\n\n" + args.notes
+    compare = [tuple(c.split("=", 1)) if "=" in c else (c, "") for c in args.compare]
+    print(report(results, args.tasks, args.estimators, args.seeds, args.tag, header, compare))
     return 0
 
 

@@ -65,3 +65,23 @@ def test_one_training_step_through_agent_trainer(bench_policy, tmp_path):
     assert result["estimator"] == "archer_utterance"
     text = se.summary_table([result], ["bandit"], ["archer_utterance"], {"bandit": 0.9})
     assert "archer_utterance" in text
+
+
+def test_compare_table_side_by_side(tmp_path):
+    from bench import sample_efficiency as se
+
+    def write(tag, est, seed, vals):
+        pts = [{"step": 5 * i, "env_steps": 100.0 * i, "val_success": v} for i, v in enumerate(vals)]
+        path = tmp_path / ("runs" + tag) / "bandit" / est / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"task": "bandit", "estimator": est, "seed": seed, "total_s": 1.0, "points": pts}))
+
+    write("", "gae", 0, [0.0, 0.1, 0.2])
+    write("_r2", "gae", 0, [0.0, 0.95, 1.0])
+    write("_r2", "gae", 1, [0.0, 0.5, 0.5])
+    text = se.compare_table(str(tmp_path), ["bandit"], ["gae", "grpo"], 2, [("r1", ""), ("r2", "_r2")])
+    row = next(line for line in text.splitlines() if line.startswith("| gae |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:5] == ["0/1", "not reached", "0.200 +- 0.000", "200"]
+    assert cells[5:9] == ["1/2", "100", "0.750 +- 0.250", "200"]
+    assert not any(line.startswith("| grpo |") and "/" in line for line in text.splitlines())
