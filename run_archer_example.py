@@ -45,6 +45,9 @@ DEMO = [
     "actor_rollout_ref.model.enable_gradient_checkpointing=false",
     "actor_rollout_ref.actor.optim.lr=2e-5", "critic.optim.lr=1e-4",
     "archer.warmup_iters=1", "archer.critic.updates=50", "archer.critic.lr=3e-3",
+    # pure utterance-level ArCHer (alpha = 0): the advantage is min(Q1,Q2) - min(V1,V2) of the utterance
+    # critic, so the 135M-parameter token critic (the slowest part of a CPU step) is not needed
+    "archer.alpha=0", "critic.enable=false",
     "trainer.logger=[console,tensorboard]", "trainer.resume_mode=disable",
 ]
 
