@@ -133,6 +133,9 @@ def make_config(**overrides):
         cfg.es_manager[mode].group_size = size
         cfg.es_manager[mode].env_configs = {"tags": ["Line"], "n_groups": [groups]}
     cfg.agent_proxy.max_turn = 3
+    # these tests pin the plain format (the shipped default pre-fills "<answer>" for the 135M model)
+    cfg.agent_proxy.prefill_answer = False
+    cfg.agent_proxy.enable_think = True
     cfg.actor_rollout_ref.rollout.response_length = 48
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, force_add=True)
