@@ -272,17 +272,21 @@ class LocalWorkers:
     def _enable_ckpt(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def _build_actor(self):
-        model = load_causal_lm(self.actor_path, dtype=torch.float32)
-        if self.actor_grad_ckpt:
+    def _trainable(self, model, grad_ckpt: bool, lora_task: str):
+        """Gradient checkpointing and LoRA (when configured), on the device, in eval mode until updated."""
+        if grad_ckpt:
             self._enable_ckpt(model)
         if self.lora_rank > 0:
             from peft import get_peft_model
 
-            model = get_peft_model(model, self._lora_config("CAUSAL_LM"))
+            model = get_peft_model(model, self._lora_config(lora_task))
         model.to(self.device)
         model.eval()
         return model
+
+    def _build_actor(self):
+        model = load_causal_lm(self.actor_path, dtype=torch.float32)
+        return self._trainable(model, self.actor_grad_ckpt, "CAUSAL_LM")
 
     def _build_ref(self):
         if not self.need_ref or self.lora_rank > 0:  # LoRA: the reference is the actor with adapters disabled
@@ -294,15 +298,7 @@ class LocalWorkers:
 
     def _build_critic(self):
         model = load_value_model(self.critic_path, dtype=torch.float32)
-        if self.critic_grad_ckpt:
-            self._enable_ckpt(model)
-        if self.lora_rank > 0:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, self._lora_config("TOKEN_CLS"))
-        model.to(self.device)
-        model.eval()
-        return model
+        return self._trainable(model, self.critic_grad_ckpt, "TOKEN_CLS")
 
     def _actor_base(self):
         return self.actor.get_base_model() if self.lora_rank > 0 else self.actor
