@@ -567,14 +567,8 @@ class LocalWorkers:
                     sums["ppo_kl"] += float(ppo_kl) * n_tok
                     sums["entropy"] += float((ent.detach() * lm).sum())
                     mini_pg += float(pg_loss.detach())
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.actor_params, self.actor_grad_clip)
-                if torch.isfinite(grad_norm):
-                    self.actor_optim.step()
-                else:
-                    logger.warning("actor grad norm is not finite (%s); skipping the optimizer step", grad_norm)
-                self.actor_optim.zero_grad(set_to_none=True)
+                grad_norms.append(self._clipped_step(self.actor_params, self.actor_optim, self.actor_grad_clip, "actor"))
                 pg_losses.append(mini_pg)
-                grad_norms.append(float(grad_norm))
         gbi.clear()
         self.actor.eval()
         self._actor_updates += 1
@@ -590,6 +584,17 @@ class LocalWorkers:
         if self.use_kl_loss:
             metrics["actor/kl_loss"] = sums["kl_loss"] / n
         return metrics
+
+    @staticmethod
+    def _clipped_step(params, optim, max_norm: float, what: str) -> float:
+        """Clip the gradient norm, step unless it is non-finite, zero the gradients; returns the norm."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if torch.isfinite(grad_norm):
+            optim.step()
+        else:
+            logger.warning("%s grad norm is not finite (%s); skipping the optimizer step", what, grad_norm)
+        optim.zero_grad(set_to_none=True)
+        return float(grad_norm)
 
     def update_critic(self, data: DataProto) -> dict[str, float]:
         from verl.trainer.ppo.core_algos import compute_value_loss
@@ -629,14 +634,9 @@ class LocalWorkers:
                     sums["clipfrac"] += float(vf_clipfrac) * n_tok
                     sums["vpred"] += float((vpreds.detach() * lm).sum())
                     mini_loss += float(vf_loss.detach())
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.critic_params, self.critic_grad_clip)
-                if torch.isfinite(grad_norm):
-                    self.critic_optim.step()
-                else:
-                    logger.warning("critic grad norm is not finite (%s); skipping the optimizer step", grad_norm)
-                self.critic_optim.zero_grad(set_to_none=True)
+                grad_norms.append(self._clipped_step(self.critic_params, self.critic_optim, self.critic_grad_clip,
+                                                     "critic"))
                 vf_losses.append(mini_loss)
-                grad_norms.append(float(grad_norm))
         self.critic.eval()
         self._critic_updates += 1
         n = max(sums["tokens"], 1.0)
