@@ -4,6 +4,10 @@
     python bench/sample_efficiency.py --quick                                   # tiny smoke run (~1 min)
     python bench/sample_efficiency.py --tasks bandit --seeds 2                  # quick sanity check
     python bench/sample_efficiency.py --report-only                             # re-plot / re-summarise
+    # full size, one GPU (not run here: no GPU was lent to this project's CPU sessions)
+    BENCH_THREADS=8 python bench/sample_efficiency.py --policy smollm2-135m --workers 1 --tag _smollm2 \
+        --steps 200 --set es_manager.train.env_groups=16 --set es_manager.train.env_configs.n_groups=[16] \
+        --set es_manager.train.group_size=4 --set ppo_mini_batch_size=16
 
 Every run trains through the project's own trainer (``ragen.trainer.agent_trainer.AgentTrainer`` on a
 Hydra-composed ``config/base.yaml`` + the overrides below: agent proxy, loss masks, estimators, workers),
@@ -19,7 +23,7 @@ template), format-warmed-up ONCE per task on uniformly random valid actions and 
 ``bench/results/policies/<task>``; every run loads it with ``model_path=<dir>``.
 
 Each run is a subprocess (1 torch thread; ``--workers`` of them at a time) that writes
-``bench/results/runs/<task>/<estimator>/seed<k>.json``; runs whose file exists are skipped (resumable).
+``bench/results/runs<tag>/<task>/<estimator>/seed<k>.json``; runs whose file exists are skipped (resumable).
 Outputs: ``bench/results/sample_efficiency.csv`` / ``.json`` (every point: task, estimator, seed, step,
 cumulative env steps, elapsed wall seconds, validation / train success), ``<task>.png`` (mean +- min/max
 over seeds vs env steps) and ``summary.md`` (env steps to the success threshold, final success).
@@ -54,17 +58,17 @@ ESTIMATORS: dict[str, list[str]] = {
 # per task: env tag, env type (warm-up actions), task-specific overrides, success threshold, train steps
 TASKS: dict[str, dict[str, Any]] = {
     "frozenlake": {
-        "tag": "FrozenLake", "env_type": "frozenlake", "threshold": 0.3, "steps": 20,
+        "tag": "FrozenLake", "env_type": "frozenlake", "threshold": 0.3, "steps": 60,
         "overrides": ["agent_proxy.max_turn=6", "custom_envs.FrozenLake.max_actions_per_traj=6",
-                      "custom_envs.FrozenLake.env_config.size=4", "custom_envs.FrozenLake.env_config.p=0.8",
+                      "custom_envs.FrozenLake.env_config.size=3", "custom_envs.FrozenLake.env_config.p=0.8",
                       "custom_envs.FrozenLake.env_config.is_slippery=false"],
     },
     "sokoban": {
-        "tag": "SimpleSokoban", "env_type": "sokoban", "threshold": 0.3, "steps": 20,
+        "tag": "SimpleSokoban", "env_type": "sokoban", "threshold": 0.3, "steps": 80,
         "overrides": ["agent_proxy.max_turn=5", "custom_envs.SimpleSokoban.max_actions_per_traj=5",
                       "custom_envs.SimpleSokoban.env_config.dim_room=[6,6]",
                       "custom_envs.SimpleSokoban.env_config.num_boxes=1",
-                      "custom_envs.SimpleSokoban.env_config.search_depth=30"],
+                      "custom_envs.SimpleSokoban.env_config.search_depth=30", "trainer.test_freq=10"],
     },
     "bandit": {
         "tag": "Bandit", "env_type": "bandit", "threshold": 0.9, "steps": 15,
@@ -77,24 +81,34 @@ TASKS: dict[str, dict[str, Any]] = {
 
 # the same for every estimator, task and seed
 SHARED = [
-    "micro_batch_size_per_gpu=16", "ppo_mini_batch_size=16",
-    "es_manager.train.env_groups=4", "es_manager.train.group_size=4",
-    "es_manager.val.env_groups=32", "es_manager.val.group_size=1",
+    # 16 episodes per step in 4 mini-batches x 2 epochs = 8 optimizer steps per rollout (round 3; rounds 1-2 took
+    # ONE step per rollout, which left the policy nearly where it started)
+    "micro_batch_size_per_gpu=4", "ppo_mini_batch_size=4",
+    "actor_rollout_ref.actor.ppo_epochs=2", "critic.ppo_epochs=2",
+    "es_manager.train.env_groups=8", "es_manager.train.group_size=2",
+    # validation: 64 fixed held-out maps, SAMPLED at the training temperature (round 3).  Greedy decoding of
+    # this tiny policy flickered between 0 and ~0.6 from one evaluation to the next (rounds 1-2, runs_r3check/)
+    "es_manager.val.env_groups=64", "es_manager.val.group_size=1",
+    "actor_rollout_ref.rollout.val_kwargs.do_sample=true", "actor_rollout_ref.rollout.val_kwargs.temperature=1.0",
     "es_manager.format_penalty=-0.1",
     "agent_proxy.max_actions_per_turn=1", "agent_proxy.prefill_answer=true", "agent_proxy.enable_think=false",
     "agent_proxy.use_turn_scores=true",
     "actor_rollout_ref.rollout.response_length=4", "actor_rollout_ref.rollout.temperature=1.0",
     "actor_rollout_ref.model.enable_gradient_checkpointing=false",
-    "actor_rollout_ref.actor.optim.lr=1e-3", "actor_rollout_ref.actor.ppo_epochs=1",
+    "actor_rollout_ref.actor.optim.lr=5e-4",
     "critic.optim.lr=1e-3",
     "algorithm.gamma=1.0", "algorithm.lam=1.0", "algorithm.high_level_gamma=0.95",
-    "archer.alpha=0.1", "archer.warmup_iters=0",
+    "archer.alpha=0.1", "archer.warmup_iters=3",
     "archer.critic.backbone=hashing", "archer.critic.hidden_size=64", "archer.critic.lr=1e-3",
-    "archer.critic.updates=20", "archer.critic.batch_size=64", "archer.replay.capacity=10000",
+    "archer.critic.updates=50", "archer.critic.batch_size=64", "archer.replay.capacity=10000",
     "trainer.device=cpu", "trainer.precision=fp32", "trainer.logger=[console]", "trainer.save_freq=0",
     "trainer.test_freq=5", "trainer.val_before_train=true", "trainer.resume_mode=disable",
     "seed.val=123",
 ]
+# --policy other than "small" (a real LLM: model alias, HF dir or .gguf): replies are longer in its tokens and
+# a pre-trained model wants a much smaller learning rate; everything else stays as above
+FULL_SIZE = ["actor_rollout_ref.rollout.response_length=16", "actor_rollout_ref.actor.optim.lr=1e-5",
+             "critic.optim.lr=1e-5", "trainer.device=auto", "trainer.precision=auto", "format_warmup.steps=8"]
 QUICK = ["es_manager.train.env_groups=2", "es_manager.train.group_size=2", "es_manager.val.env_groups=4",
          "micro_batch_size_per_gpu=4", "ppo_mini_batch_size=4", "trainer.test_freq=1",
          "archer.critic.updates=2", "archer.critic.batch_size=8"]
@@ -105,15 +119,16 @@ def task_overrides(task: str, quick: bool = False) -> list[str]:
     spec = TASKS[task]
     tag = spec["tag"]
     shared = SHARED + (QUICK if quick else [])
-    groups = {"train": 4, "val": 32}
+    groups = {"train": 8, "val": 64}
     for o in shared:  # n_groups must follow env_groups (single tag per task)
         for mode in groups:
             if o.startswith(f"es_manager.{mode}.env_groups="):
                 groups[mode] = int(o.split("=")[1])
-    return shared + [
+    # later overrides win: the quick settings come last so they also beat the per-task ones
+    return SHARED + [
         f"es_manager.train.env_configs.tags=[{tag}]", f"es_manager.train.env_configs.n_groups=[{groups['train']}]",
         f"es_manager.val.env_configs.tags=[{tag}]", f"es_manager.val.env_configs.n_groups=[{groups['val']}]",
-    ] + spec["overrides"]
+    ] + spec["overrides"] + (QUICK if quick else [])
 
 
 def compose(overrides: list[str]):
@@ -231,10 +246,11 @@ def load_results(results: str, tasks: list[str], estimators: list[str], seeds: i
     return runs
 
 
-def first_reach(points: list[dict], threshold: float) -> float | None:
+def first_reach(points: list[dict], threshold: float, key: str = "env_steps") -> float | None:
+    """``key`` (env steps, or ``elapsed_s`` for wall seconds) at the first validation >= threshold."""
     for p in points:
         if p["val_success"] is not None and p["val_success"] >= threshold:
-            return p["env_steps"]
+            return p[key]
     return None
 
 
@@ -257,48 +273,82 @@ def write_points(runs: list[dict], results: str, stem: str) -> None:
 
 
 def plot_task(runs: list[dict], task: str, estimators: list[str], path: str, threshold: float) -> None:
+    """Two panels: validation success vs cumulative env steps (left) and vs wall seconds into the run (right:
+    model load, format warm-up, rollouts, updates and validation); mean over seeds, band = min..max."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     for est in estimators:
         mine = [r for r in runs if r["task"] == task and r["estimator"] == est]
         if not mine:
             continue
-        curves = [[(p["env_steps"], p["val_success"]) for p in r["points"] if p["val_success"] is not None]
-                  for r in mine]
+        curves = [[p for p in r["points"] if p["val_success"] is not None] for r in mine]
         n = min(len(c) for c in curves)
         if n == 0:
             continue
-        xs = np.mean([[c[i][0] for i in range(n)] for c in curves], axis=0)
-        ys = np.array([[c[i][1] for i in range(n)] for c in curves])
-        mean = ys.mean(0)
-        line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{est} (n={len(mine)})")
-        ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
-    ax.axhline(threshold, color="gray", ls="--", lw=1, label=f"threshold {threshold}")
-    ax.set_xlabel("cumulative environment steps (training rollouts)")
-    ax.set_ylabel("validation success rate (greedy)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{task}: mean over seeds, band = min..max")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+        ys = np.array([[c[i]["val_success"] for i in range(n)] for c in curves])
+        color = None
+        for ax, key in zip(axes, ("env_steps", "elapsed_s")):
+            xs = np.mean([[c[i][key] for i in range(n)] for c in curves], axis=0)
+            line, = ax.plot(xs, ys.mean(0), marker="o", ms=3, color=color, label=f"{est} (n={len(mine)})")
+            color = line.get_color()
+            ax.fill_between(xs, ys.min(0), ys.max(0), color=color, alpha=0.15)
+    sampled = all("actor_rollout_ref.rollout.val_kwargs.do_sample=true" in r.get("overrides", [])
+                  for r in runs if r["task"] == task)
+    axes[0].set_ylabel("validation success rate (" + ("sampled, T=1" if sampled else "greedy") + ")")
+    axes[0].set_xlabel("cumulative environment steps (training rollouts)")
+    axes[1].set_xlabel("wall seconds into the run: rollouts, updates, validation (1 torch thread)")
+    for ax in axes:
+        ax.axhline(threshold, color="gray", ls="--", lw=1, label=f"threshold {threshold}")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"{task}: mean over seeds, band = min..max")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def summary_table(runs: list[dict], tasks: list[str], estimators: list[str], thresholds: dict[str, float]) -> str:
+def steps_to_threshold_bound(points: list[dict], threshold: float) -> tuple[float, bool]:
+    """(env steps to the threshold, reached?); a run that never reaches it counts its whole budget, which
+    makes the value a LOWER bound for that run (right-censored)."""
+    hit = first_reach(points, threshold)
+    if hit is not None:
+        return hit, True
+    return (points[-1]["env_steps"] if points else float("nan")), False
+
+
+def late_train_success(points: list[dict], last: int = 10) -> float:
+    """Mean sampled training success over the last ``last`` training steps."""
+    vals = [p["train_success"] for p in points if p.get("train_success") is not None][-last:]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summary_table(runs: list[dict], tasks: list[str], estimators: list[str], thresholds: dict[str, float],
+                  reference: str = "gae") -> str:
+    """Markdown table per task.  ``x <reference>`` is the reference's mean censored env steps divided by this
+    estimator's: > 1 means this estimator needed fewer env steps; ">=" / "<=" mark ratios where censoring
+    (runs that never reached the threshold) makes the number a bound rather than a value."""
     lines = []
     for task in tasks:
         thr = thresholds[task]
         lines += [f"### {task} (threshold: validation success >= {thr})", "",
                   "| estimator | seeds | reached | env steps to threshold (mean over reaching seeds) | "
-                  "initial val success | final val success (mean +- std) | best val success | "
-                  "wall s / run |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "env steps to threshold (unreached = budget, mean) | "
+                  f"x fewer env steps than {reference} | wall s to threshold (mean over reaching seeds) | "
+                  "initial val success | final val success (mean +- std) | "
+                  "best val success | train success, last 10 steps | wall s / run |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        bounds = {}
+        for est in estimators:
+            mine = [r for r in runs if r["task"] == task and r["estimator"] == est]
+            if mine:
+                pairs = [steps_to_threshold_bound(r["points"], thr) for r in mine]
+                bounds[est] = (sum(x for x, _ in pairs) / len(pairs), all(ok for _, ok in pairs))
         for est in estimators:
             mine = [r for r in runs if r["task"] == task and r["estimator"] == est]
             if not mine:
@@ -310,26 +360,46 @@ def summary_table(runs: list[dict], tasks: list[str], estimators: list[str], thr
                      for r in mine]
             bests = [max((p["val_success"] for p in r["points"] if p["val_success"] is not None), default=0.0)
                      for r in mine]
+            late = [late_train_success(r["points"]) for r in mine]
             mean_f = sum(finals) / len(finals)
             std_f = math.sqrt(sum((f - mean_f) ** 2 for f in finals) / len(finals))
             steps_txt = f"{sum(hit) / len(hit):.0f}" if hit else "not reached"
+            mine_b, mine_exact = bounds[est]
+            ref = bounds.get(reference)
+            if ref is None or not (mine_exact or ref[1]):
+                ratio = "-"  # both sides censored: no ratio can be stated
+            else:
+                value = ref[0] / mine_b
+                # mine exact & ref censored -> ref is a lower bound -> ratio >= value; the mirror case <=
+                mark = "" if (mine_exact and ref[1]) else (">=" if mine_exact else "<=")
+                ratio = f"{mark}{value:.2f}"
+            walls = [w for w in (first_reach(r["points"], thr, "elapsed_s") for r in mine) if w is not None]
+            wall_txt = f"{sum(walls) / len(walls):.0f}" if walls else "-"
             lines.append(f"| {est} | {len(mine)} | {len(hit)}/{len(mine)} | {steps_txt} | "
+                         f"{mine_b:.0f}{'' if mine_exact else ' (lower bound)'} | {ratio} | {wall_txt} | "
                          f"{sum(inits) / len(inits):.3f} | {mean_f:.3f} +- {std_f:.3f} | "
-                         f"{sum(bests) / len(bests):.3f} | {sum(r['total_s'] for r in mine) / len(mine):.0f} |")
+                         f"{sum(bests) / len(bests):.3f} | {sum(late) / len(late):.3f} | "
+                         f"{sum(r['total_s'] for r in mine) / len(mine):.0f} |")
         lines.append("")
     return "\n".join(lines)
 
 
-def _reach_final(mine: list[dict], thr: float) -> tuple[str, str, str, str]:
-    """(reached k/n, mean env steps to threshold over reaching seeds, final val mean +- std, env steps/run)."""
+def _reach_final(mine: list[dict], thr: float) -> tuple[str, ...]:
+    """(reached k/n, mean env steps to threshold over reaching seeds, final val mean +- std, best val (mean over
+    seeds), env steps / run)."""
     reach = [first_reach(r["points"], thr) for r in mine]
     hit = [x for x in reach if x is not None]
     finals = [final_val(r["points"]) for r in mine]
     mean_f = sum(finals) / len(finals)
     std_f = math.sqrt(sum((f - mean_f) ** 2 for f in finals) / len(finals))
+    bests = [max((p["val_success"] for p in r["points"] if p["val_success"] is not None), default=0.0)
+             for r in mine]
     budget = sum(r["points"][-1]["env_steps"] for r in mine if r["points"]) / len(mine)
     return (f"{len(hit)}/{len(mine)}", f"{sum(hit) / len(hit):.0f}" if hit else "not reached",
-            f"{mean_f:.3f} +- {std_f:.3f}", f"{budget:.0f}")
+            f"{mean_f:.3f} +- {std_f:.3f}", f"{sum(bests) / len(bests):.3f}", f"{budget:.0f}")
+
+
+COMPARE_COLUMNS = ("reached", "env steps to thr.", "final val success", "best val success", "env steps / run")
 
 
 def compare_table(results: str, tasks: list[str], estimators: list[str], seeds: int,
@@ -339,17 +409,14 @@ def compare_table(results: str, tasks: list[str], estimators: list[str], seeds: 
     lines = []
     for task in tasks:
         thr = TASKS[task]["threshold"]
-        head = "| estimator | " + " | ".join(
-            f"{lab}: reached | {lab}: env steps to thr. | {lab}: final val success | {lab}: env steps / run"
-            for lab, _ in variants) + " |"
-        lines += [f"### {task}: side by side (threshold: validation success >= {thr})", "", head,
-                  "|---|" + "---|---|---|---|" * len(variants)]
-        for est in estimators:
-            cells = []
+        lines += [f"### {task}: side by side (threshold: validation success >= {thr})", "",
+                  "| estimator | variant | " + " | ".join(COMPARE_COLUMNS) + " |",
+                  "|---|---|" + "---|" * len(COMPARE_COLUMNS)]
+        for est in estimators:  # one row per (estimator, variant) that has runs
             for lab, _ in variants:
                 mine = [r for r in per[lab] if r["task"] == task and r["estimator"] == est]
-                cells += list(_reach_final(mine, thr)) if mine else ["-"] * 4
-            lines.append(f"| {est} | " + " | ".join(cells) + " |")
+                if mine:
+                    lines.append(f"| {est} | {lab} | " + " | ".join(_reach_final(mine, thr)) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -357,14 +424,16 @@ def compare_table(results: str, tasks: list[str], estimators: list[str], seeds: 
 def report(results: str, tasks: list[str], estimators: list[str], seeds: int, tag: str = "",
            header: str = "", compare: list[tuple[str, str]] = ()) -> str:
     runs = load_results(results, tasks, estimators, seeds, tag)
-    if not runs:
+    if not runs and not compare:
         return "no results yet"
-    stem = "sample_efficiency" + tag
-    write_points(runs, results, stem)
-    for task in tasks:
-        if any(r["task"] == task for r in runs):
-            plot_task(runs, task, estimators, os.path.join(results, f"{task}{tag}.png"), TASKS[task]["threshold"])
-    table = summary_table(runs, tasks, estimators, {t: TASKS[t]["threshold"] for t in tasks})
+    table = ""
+    if runs:  # a --compare-only tag (no runs of its own) just writes the side-by-side table
+        write_points(runs, results, "sample_efficiency" + tag)
+        for task in tasks:
+            if any(r["task"] == task for r in runs):
+                plot_task(runs, task, estimators, os.path.join(results, f"{task}{tag}.png"),
+                          TASKS[task]["threshold"])
+        table = summary_table(runs, tasks, estimators, {t: TASKS[t]["threshold"] for t in tasks})
     text = (header + "\n\n" if header else "") + table
     if compare:
         text += "\n" + compare_table(results, tasks, estimators, seeds, list(compare))
@@ -382,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: per task)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (1 torch thread each)")
     p.add_argument("--warmup-steps", type=int, default=150, help="format warm-up steps (once per task)")
+    p.add_argument("--policy", default="small",
+                   help="'small' (the from-scratch policy of bench/small_policy.py, built once per task) or a "
+                        "real model: alias (smollm2-135m), HF directory or .gguf; a real model gets the "
+                        "FULL_SIZE overrides (response length 16, lr 1e-5, device/precision auto, 8 format "
+                        "warm-up steps per run) - meant for a GPU, see README")
     p.add_argument("--results", default=RESULTS)
     p.add_argument("--tag", default="", help="suffix for a variant (runs<tag>/, summary<tag>.md, ...)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -411,14 +485,18 @@ def main(argv: list[str] | None = None) -> int:
         wall0 = time.time()
         jobs = []
         for task in args.tasks:
-            policy = ensure_policy(task, results, args.quick, 20 if args.quick else args.warmup_steps,
-                                   log=tqdm.write)
+            if args.policy == "small":
+                policy = ensure_policy(task, results, args.quick, 20 if args.quick else args.warmup_steps,
+                                       log=tqdm.write)
+            else:
+                policy = args.policy
             steps = 2 if args.quick else (args.steps or TASKS[task]["steps"])
             for seed in range(args.seeds):
                 for est in args.estimators:
                     out = os.path.join(results, "runs" + args.tag, task, est, f"seed{seed}.json")
                     jobs.append({"task": task, "estimator": est, "seed": seed, "policy": policy, "out": out,
-                                 "steps": steps, "quick": args.quick, "extra": args.set})
+                                 "steps": steps, "quick": args.quick,
+                                 "extra": ([] if args.policy == "small" else FULL_SIZE) + args.set})
         todo = [j for j in jobs if not os.path.isfile(j["out"])]
         tqdm.write(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to go "
                    f"({args.workers} at a time)")

@@ -80,8 +80,38 @@ def test_compare_table_side_by_side(tmp_path):
     write("_r2", "gae", 0, [0.0, 0.95, 1.0])
     write("_r2", "gae", 1, [0.0, 0.5, 0.5])
     text = se.compare_table(str(tmp_path), ["bandit"], ["gae", "grpo"], 2, [("r1", ""), ("r2", "_r2")])
-    row = next(line for line in text.splitlines() if line.startswith("| gae |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1:5] == ["0/1", "not reached", "0.200 +- 0.000", "200"]
-    assert cells[5:9] == ["1/2", "100", "0.750 +- 0.250", "200"]
-    assert not any(line.startswith("| grpo |") and "/" in line for line in text.splitlines())
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| gae |")]
+    assert rows[0][1:] == ["r1", "0/1", "not reached", "0.200 +- 0.000", "0.200", "200"]
+    assert rows[1][1:] == ["r2", "1/2", "100", "0.750 +- 0.250", "0.750", "200"]
+    assert not any(line.startswith("| grpo |") for line in text.splitlines())  # no runs: no row
+
+
+def _run(est, seed, vals, train=None):
+    pts = [{"step": 5 * i, "env_steps": 100.0 * i, "elapsed_s": 10.0 * i, "val_success": v,
+            "train_success": None if train is None else train[i]} for i, v in enumerate(vals)]
+    return {"task": "bandit", "estimator": est, "seed": seed, "total_s": 2.0, "points": pts}
+
+
+def test_steps_to_threshold_is_censored_at_the_budget():
+    from bench import sample_efficiency as se
+
+    assert se.steps_to_threshold_bound(_run("gae", 0, [0.0, 0.4, 0.1])["points"], 0.3) == (100.0, True)
+    assert se.steps_to_threshold_bound(_run("gae", 0, [0.0, 0.2, 0.1])["points"], 0.3) == (200.0, False)
+    assert se.late_train_success(_run("gae", 0, [0.0] * 4, train=[None, 0.2, 0.4, 0.6])["points"], last=2) == \
+        pytest.approx(0.5)
+
+
+def test_summary_ratio_marks_bounds():
+    from bench import sample_efficiency as se
+
+    runs = [_run("archer_utterance", 0, [0.0, 0.5, 0.5, 0.5, 0.5]),      # reaches at 100
+            _run("archer_utterance", 1, [0.0, 0.0, 0.5, 0.5, 0.5]),      # reaches at 200 -> mean 150, exact
+            _run("gae", 0, [0.0, 0.0, 0.0, 0.4, 0.4]),                   # 300
+            _run("gae", 1, [0.0, 0.0, 0.0, 0.0, 0.0]),                   # never: budget 400 -> mean 350, bound
+            _run("grpo", 0, [0.0, 0.0, 0.0, 0.0, 0.0])]                  # never, and gae censored too
+    text = se.summary_table(runs, ["bandit"], ["archer_utterance", "gae", "grpo"], {"bandit": 0.3})
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("| ") and "/" in line}
+    assert rows["archer_utterance"][2:7] == ["2/2", "150", "150", ">=2.33", "15"]  # 350/150, gae a lower bound
+    assert rows["gae"][2:6] == ["1/2", "300", "350 (lower bound)", "-"]
+    assert rows["grpo"][2:6] == ["0/1", "not reached", "400 (lower bound)", "-"]
