@@ -129,6 +129,45 @@ def test_hashing_encoder_shapes_norm_determinism():
     assert enc.encode([]).shape == (0, 64)
 
 
+SOKOBAN_TURN = "Turn 2:\n#####\n#P__#\n#####\nnow\n#####\n#_O_#\n#_X_#\n#_P_#\n#####\nReward: -0.1"
+
+
+def test_grid_features_read_the_last_board_hand_checked():
+    feats = HashingEncoder.grid_feature_counts(SOKOBAN_TURN)
+    # the last 5x5 board wins over the earlier 3x5 one
+    assert feats["g|shape|5x5"] == 1 and "g|shape|3x5" not in feats
+    assert feats["g|cell|1|2|O"] == 1 and feats["g|cell|2|2|X"] == 1 and feats["g|cell|3|2|P"] == 1
+    assert sum(v for k, v in feats.items() if k.startswith("g|cell|")) == 25
+    # rare symbols O, X, P (one cell each): box one row above the player, target two rows above it
+    assert feats["g|rel|P|X|-1|0"] == 1 and feats["g|rel|X|P|1|0"] == 1 and feats["g|rel|P|O|-2|0"] == 1
+    assert feats["g|sign|P|O|-1|0"] == 1
+    assert feats["g|nbr|X|up|O"] == 1 and feats["g|nbr|P|down|#"] == 1 and feats["g|nbr|O|left|_"] == 1
+    assert sum(1 for k in feats if k.startswith("g|rel|")) == 6  # 3 rare cells -> 6 ordered pairs
+    assert not HashingEncoder.grid_feature_counts("no board\nat all here")
+    assert not HashingEncoder.grid_feature_counts("#####\nP_ _#")  # a space breaks a row
+
+
+def test_grid_features_change_the_encoding_only_where_there_is_a_board():
+    plain, grid = HashingEncoder(dim=128), HashingEncoder(dim=128, grid_features=True)
+    moved = SOKOBAN_TURN.replace("#_X_#\n#_P_#", "#_XP#\n#___#")
+    e_plain, e_grid = plain.encode([SOKOBAN_TURN, moved, "Dragon"]), grid.encode([SOKOBAN_TURN, moved, "Dragon"])
+    assert torch.allclose(e_grid.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.equal(e_plain[2], e_grid[2])  # no board: identical to the plain encoder
+    assert not torch.allclose(e_plain[0], e_grid[0])
+    # the player moving next to the box changes the board block a lot more than the text block
+    assert (e_grid[0] - e_grid[1]).norm() > (e_plain[0] - e_plain[1]).norm()
+
+
+def test_critic_from_config_grid_features():
+    cfg = {"archer": {"critic": {"backbone": "hashing", "grid_features": True}}}
+    assert ArcherCritic.from_config(cfg).encoder.grid_features is True
+    assert ArcherCritic.from_config({"archer": {"critic": {"backbone": "hashing"}}}).encoder.grid_features is False
+    with pytest.raises(ValueError, match="archer.critic.grid_features"):
+        ArcherCritic.from_config({"archer": {"critic": {"backbone": "minilm", "grid_features": True}}})
+    with pytest.raises(ValueError, match="archer.critic.grid_features"):
+        ArcherCritic.from_config({"archer": {"critic": {"grid_features": "yes"}}})
+
+
 def test_hashing_encoder_is_deterministic_across_processes():
     """Python's str hash is salted per process; the encoder must not depend on it."""
     texts = ["the quick brown fox", "Dragon"]

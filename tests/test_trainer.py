@@ -221,6 +221,8 @@ def _delete(cfg, dotted: str):
     (["es_manager.train.env_configs.n_groups=[3]"], "es_manager.train.env_configs.n_groups"),
     (["es_manager.val.env_configs.tags=[NoSuchEnv]"], "es_manager.val.env_configs.tags"),
     (["critic.enable=false"], "critic.enable"),  # gae without its critic
+    (["archer.critic.grid_features=yes"], "archer.critic.grid_features"),
+    (["archer.critic.grid_features=true", "archer.critic.backbone=minilm"], "archer.critic.grid_features"),
 ])
 def test_config_errors_name_the_key_before_loading(small_config, no_models, overrides, key):
     cfg = small_config(*overrides)

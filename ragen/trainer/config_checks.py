@@ -94,6 +94,12 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg, "archer.critic.type", ("token", "utterance"))
     _choice(cfg, "archer.critic.backbone", ("hashing", "minilm", "policy"))
     _choice(cfg, "archer.critic.loss", ("mse", "huber"))
+    grid = _get(cfg, "archer.critic.grid_features")
+    if grid is not None and not isinstance(grid, bool):
+        raise ConfigError(f"archer.critic.grid_features must be true or false; got {grid!r}")
+    if grid and _get(cfg, "archer.critic.backbone") != "hashing":
+        raise ConfigError("archer.critic.grid_features=true needs archer.critic.backbone=hashing; got "
+                          f"{_get(cfg, 'archer.critic.backbone')!r}")
     _choice(cfg, "actor_rollout_ref.actor.policy_loss", ("ppo", "reinforce"))
     _choice(cfg, "trainer.backend", BACKENDS)
     _choice(cfg, "trainer.device", ("auto", "cpu", "cuda"))

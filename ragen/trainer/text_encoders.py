@@ -137,11 +137,16 @@ class HashingEncoder(TextEncoder):
     ``tail_chars`` characters in a separate namespace, so that the end of a long dialogue history (the
     current state) is not drowned by the earlier turns.  Each feature gets weight ``1 + log(count)`` and a
     bucket/sign from a BLAKE2b hash keyed by ``seed``.  The empty string encodes to the zero vector.
+
+    ``grid_features=True`` adds a second, separately normalised block of features read from the LAST text grid
+    of the input (see ``grid_feature_counts``), with the same total weight as all the text features: a bag of
+    character n-grams keeps left/right neighbours but loses the vertical layout of a board (Sokoban,
+    FrozenLake), which is what decides most moves.
     """
 
     def __init__(self, dim: int = 512, seed: int = 0, device: str | torch.device = "cpu",
                  char_ngrams: Sequence[int] = (3, 4), tail_chars: int = 256,
-                 cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+                 cache_size: int = DEFAULT_CACHE_SIZE, grid_features: bool = False) -> None:
         super().__init__(dim, device=device, cache_size=cache_size, batch_size=256)
         if any(int(n) <= 0 for n in char_ngrams):
             raise ValueError(f"char_ngrams must be positive, got {char_ngrams}")
@@ -150,6 +155,7 @@ class HashingEncoder(TextEncoder):
         self.seed = int(seed)
         self.char_ngrams = tuple(int(n) for n in char_ngrams)
         self.tail_chars = int(tail_chars)
+        self.grid_features = bool(grid_features)
         self._key = self.seed.to_bytes(8, "little", signed=True)
         self._slots: dict[str, int] = {}  # feature -> signed bucket (+/-(idx+1)), memoised hashing
 
@@ -183,9 +189,58 @@ class HashingEncoder(TextEncoder):
         for n in ngrams:
             feats.update(ns + "c|" + padded[i:i + n] for i in range(len(padded) - n + 1))
 
-    def _vector(self, text: str) -> np.ndarray:
+    @staticmethod
+    def grid_feature_counts(text: str) -> Counter:
+        """Layout features of the last grid in ``text`` (empty when there is none).
+
+        A grid is a run of >= 2 consecutive lines of equal length >= 3 without spaces (the last run wins: in
+        a dialogue that is the current state).  Features: its shape; every cell as (row, column, symbol); for
+        the rare symbols (<= 2 cells: player, box, target, goal, ...) their four neighbours and, for every
+        ordered pair of them, the row/column offset and its signs - so "box one row above the target" is a
+        feature wherever on the board it happens.
+        """
+        best: list[str] = []
+        run: list[str] = []
+        for line in text.split("\n"):
+            line = line.strip()
+            ok = len(line) >= 3 and " " not in line
+            if ok and run and len(line) == len(run[0]):
+                run.append(line)
+            else:
+                if len(run) >= 2:
+                    best = run
+                run = [line] if ok else []
+        if len(run) >= 2:
+            best = run
+        feats: Counter = Counter()
+        if not best:
+            return feats
+        rows, cols = len(best), len(best[0])
+        feats[f"g|shape|{rows}x{cols}"] += 1
+        where: dict[str, list[tuple[int, int]]] = {}
+        for r, line in enumerate(best):
+            for c, ch in enumerate(line):
+                feats[f"g|cell|{r}|{c}|{ch}"] += 1
+                where.setdefault(ch, []).append((r, c))
+        rare = [(ch, rc) for ch, cells in where.items() if len(cells) <= 2 for rc in cells]
+        for ch, (r, c) in rare:
+            for name, dr, dc in (("up", -1, 0), ("down", 1, 0), ("left", 0, -1), ("right", 0, 1)):
+                rr, cc = r + dr, c + dc
+                around = best[rr][cc] if 0 <= rr < rows and 0 <= cc < cols else "edge"
+                feats[f"g|nbr|{ch}|{name}|{around}"] += 1
+        for a, (r1, c1) in rare:
+            for b, (r2, c2) in rare:
+                if (r1, c1) == (r2, c2):
+                    continue
+                dr, dc = r2 - r1, c2 - c1
+                feats[f"g|rel|{a}|{b}|{dr}|{dc}"] += 1
+                feats[f"g|sign|{a}|{b}|{(dr > 0) - (dr < 0)}|{(dc > 0) - (dc < 0)}"] += 1
+        return feats
+
+    def _hashed(self, feats: Counter) -> np.ndarray:
+        """Signed-hash ``feats`` (weight ``1 + log(count)``) into one L2-normalised vector."""
         vec = np.zeros(self.dim, dtype=np.float64)
-        for feat, count in self.features(text).items():
+        for feat, count in feats.items():
             s = self._slot(feat)
             w = 1.0 + math.log(count)
             if s > 0:
@@ -195,6 +250,15 @@ class HashingEncoder(TextEncoder):
         norm = np.linalg.norm(vec)
         if norm > 0:
             vec /= norm
+        return vec
+
+    def _vector(self, text: str) -> np.ndarray:
+        vec = self._hashed(self.features(text))
+        if self.grid_features:
+            grid = self.grid_feature_counts(text)
+            if grid:  # equal weight for the text block and the grid block, then one norm for the row
+                vec = vec + self._hashed(grid)
+                vec /= np.linalg.norm(vec) or 1.0
         return vec
 
     def _encode_batch(self, texts: list[str]) -> torch.Tensor:
