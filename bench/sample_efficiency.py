@@ -328,6 +328,27 @@ def late_train_success(points: list[dict], last: int = 10) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _seed_stats(mine: list[dict], thr: float) -> dict[str, str]:
+    """Formatted cells shared by the summary and the side-by-side tables for the seeds ``mine`` of one
+    (task, estimator): reached k/n, mean env steps to the threshold over reaching seeds, final and best
+    validation success, env steps per run."""
+    hit = [x for x in (first_reach(r["points"], thr) for r in mine) if x is not None]
+    finals = [final_val(r["points"]) for r in mine]
+    mean_f = _mean(finals)
+    std_f = math.sqrt(_mean([(f - mean_f) ** 2 for f in finals]))
+    bests = [max((p["val_success"] for p in r["points"] if p["val_success"] is not None), default=0.0)
+             for r in mine]
+    return {"reached": f"{len(hit)}/{len(mine)}",
+            "steps": f"{_mean(hit):.0f}" if hit else "not reached",
+            "final": f"{mean_f:.3f} +- {std_f:.3f}",
+            "best": f"{_mean(bests):.3f}",
+            "budget": f"{_mean([r['points'][-1]['env_steps'] if r['points'] else 0.0 for r in mine]):.0f}"}
+
+
 def summary_table(runs: list[dict], tasks: list[str], estimators: list[str], thresholds: dict[str, float],
                   reference: str = "gae") -> str:
     """Markdown table per task.  ``x <reference>`` is the reference's mean censored env steps divided by this
@@ -343,60 +364,34 @@ def summary_table(runs: list[dict], tasks: list[str], estimators: list[str], thr
                   "initial val success | final val success (mean +- std) | "
                   "best val success | train success, last 10 steps | wall s / run |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        bounds = {}
-        for est in estimators:
-            mine = [r for r in runs if r["task"] == task and r["estimator"] == est]
+        per_est = {est: [r for r in runs if r["task"] == task and r["estimator"] == est] for est in estimators}
+        bounds = {}  # estimator -> (mean censored env steps, every seed reached?)
+        for est, mine in per_est.items():
             if mine:
                 pairs = [steps_to_threshold_bound(r["points"], thr) for r in mine]
-                bounds[est] = (sum(x for x, _ in pairs) / len(pairs), all(ok for _, ok in pairs))
-        for est in estimators:
-            mine = [r for r in runs if r["task"] == task and r["estimator"] == est]
+                bounds[est] = (_mean([x for x, _ in pairs]), all(ok for _, ok in pairs))
+        for est, mine in per_est.items():
             if not mine:
                 continue
-            reach = [first_reach(r["points"], thr) for r in mine]
-            hit = [x for x in reach if x is not None]
-            finals = [final_val(r["points"]) for r in mine]
+            cells = _seed_stats(mine, thr)
             inits = [next((p["val_success"] for p in r["points"] if p["val_success"] is not None), float("nan"))
                      for r in mine]
-            bests = [max((p["val_success"] for p in r["points"] if p["val_success"] is not None), default=0.0)
-                     for r in mine]
-            late = [late_train_success(r["points"]) for r in mine]
-            mean_f = sum(finals) / len(finals)
-            std_f = math.sqrt(sum((f - mean_f) ** 2 for f in finals) / len(finals))
-            steps_txt = f"{sum(hit) / len(hit):.0f}" if hit else "not reached"
             mine_b, mine_exact = bounds[est]
             ref = bounds.get(reference)
             if ref is None or not (mine_exact or ref[1]):
                 ratio = "-"  # both sides censored: no ratio can be stated
             else:
-                value = ref[0] / mine_b
                 # mine exact & ref censored -> ref is a lower bound -> ratio >= value; the mirror case <=
                 mark = "" if (mine_exact and ref[1]) else (">=" if mine_exact else "<=")
-                ratio = f"{mark}{value:.2f}"
+                ratio = f"{mark}{ref[0] / mine_b:.2f}"
             walls = [w for w in (first_reach(r["points"], thr, "elapsed_s") for r in mine) if w is not None]
-            wall_txt = f"{sum(walls) / len(walls):.0f}" if walls else "-"
-            lines.append(f"| {est} | {len(mine)} | {len(hit)}/{len(mine)} | {steps_txt} | "
-                         f"{mine_b:.0f}{'' if mine_exact else ' (lower bound)'} | {ratio} | {wall_txt} | "
-                         f"{sum(inits) / len(inits):.3f} | {mean_f:.3f} +- {std_f:.3f} | "
-                         f"{sum(bests) / len(bests):.3f} | {sum(late) / len(late):.3f} | "
-                         f"{sum(r['total_s'] for r in mine) / len(mine):.0f} |")
+            lines.append(f"| {est} | {len(mine)} | {cells['reached']} | {cells['steps']} | "
+                         f"{mine_b:.0f}{'' if mine_exact else ' (lower bound)'} | {ratio} | "
+                         f"{f'{_mean(walls):.0f}' if walls else '-'} | {_mean(inits):.3f} | {cells['final']} | "
+                         f"{cells['best']} | {_mean([late_train_success(r['points']) for r in mine]):.3f} | "
+                         f"{_mean([r['total_s'] for r in mine]):.0f} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def _reach_final(mine: list[dict], thr: float) -> tuple[str, ...]:
-    """(reached k/n, mean env steps to threshold over reaching seeds, final val mean +- std, best val (mean over
-    seeds), env steps / run)."""
-    reach = [first_reach(r["points"], thr) for r in mine]
-    hit = [x for x in reach if x is not None]
-    finals = [final_val(r["points"]) for r in mine]
-    mean_f = sum(finals) / len(finals)
-    std_f = math.sqrt(sum((f - mean_f) ** 2 for f in finals) / len(finals))
-    bests = [max((p["val_success"] for p in r["points"] if p["val_success"] is not None), default=0.0)
-             for r in mine]
-    budget = sum(r["points"][-1]["env_steps"] for r in mine if r["points"]) / len(mine)
-    return (f"{len(hit)}/{len(mine)}", f"{sum(hit) / len(hit):.0f}" if hit else "not reached",
-            f"{mean_f:.3f} +- {std_f:.3f}", f"{sum(bests) / len(bests):.3f}", f"{budget:.0f}")
 
 
 COMPARE_COLUMNS = ("reached", "env steps to thr.", "final val success", "best val success", "env steps / run")
@@ -416,7 +411,9 @@ def compare_table(results: str, tasks: list[str], estimators: list[str], seeds: 
             for lab, _ in variants:
                 mine = [r for r in per[lab] if r["task"] == task and r["estimator"] == est]
                 if mine:
-                    lines.append(f"| {est} | {lab} | " + " | ".join(_reach_final(mine, thr)) + " |")
+                    c = _seed_stats(mine, thr)
+                    lines.append(f"| {est} | {lab} | {c['reached']} | {c['steps']} | {c['final']} | {c['best']} | "
+                                 f"{c['budget']} |")
         lines.append("")
     return "\n".join(lines)
 
