@@ -6,8 +6,8 @@
     python bench/sample_efficiency.py --report-only                             # re-plot / re-summarise
     # full size, one GPU (not run here: no GPU was lent to this project's CPU sessions)
     BENCH_THREADS=8 python bench/sample_efficiency.py --policy smollm2-135m --workers 1 --tag _smollm2 \
-        --steps 200 --set es_manager.train.env_groups=16 --set es_manager.train.env_configs.n_groups=[16] \
-        --set es_manager.train.group_size=4 --set ppo_mini_batch_size=16
+        --steps 200 --set es_manager.train.env_groups=16 --set es_manager.train.group_size=4 \
+        --set ppo_mini_batch_size=16
 
 Every run trains through the project's own trainer (``ragen.trainer.agent_trainer.AgentTrainer`` on a
 Hydra-composed ``config/base.yaml`` + the overrides below: agent proxy, loss masks, estimators, workers),
@@ -143,10 +143,15 @@ def compose(overrides: list[str]):
 
 def run_overrides(task: str, estimator: str, seed: int, policy_dir: str, out_dir: str, steps: int,
                   quick: bool = False, extra: list[str] = ()) -> list[str]:
+    extra = list(extra)
+    for mode in ("train", "val"):  # one env tag per task: its n_groups follows an --set env_groups
+        groups = [o.split("=", 1)[1] for o in extra if o.startswith(f"es_manager.{mode}.env_groups=")]
+        if groups and not any(o.startswith(f"es_manager.{mode}.env_configs.n_groups=") for o in extra):
+            extra.append(f"es_manager.{mode}.env_configs.n_groups=[{groups[-1]}]")
     return task_overrides(task, quick) + ESTIMATORS[estimator] + [
         f"model_path={policy_dir}", f"trainer.total_training_steps={steps}", f"trainer.default_local_dir={out_dir}",
         f"trainer.experiment_name={task}-{estimator}-seed{seed}", f"seed.train={10000 + 100000 * seed}",
-    ] + list(extra)
+    ] + extra
 
 
 # --------------------------------------------------------------------------------------------- policy

@@ -115,3 +115,14 @@ def test_summary_ratio_marks_bounds():
     assert rows["archer_utterance"][2:7] == ["2/2", "150", "150", ">=2.33", "15"]  # 350/150, gae a lower bound
     assert rows["gae"][2:6] == ["1/2", "300", "350 (lower bound)", "-"]
     assert rows["grpo"][2:6] == ["0/1", "not reached", "400 (lower bound)", "-"]
+
+
+def test_env_groups_override_carries_n_groups():
+    from bench import sample_efficiency as se
+
+    cfg = se.compose(se.run_overrides("frozenlake", "gae", 0, "tiny-random", "/tmp/x", 2,
+                                      extra=["es_manager.train.env_groups=16", "es_manager.val.env_groups=8"]))
+    assert cfg.es_manager.train.env_groups == 16 and list(cfg.es_manager.train.env_configs.n_groups) == [16]
+    assert cfg.es_manager.val.env_groups == 8 and list(cfg.es_manager.val.env_configs.n_groups) == [8]
+    cfg = se.compose(se.run_overrides("frozenlake", "gae", 0, "tiny-random", "/tmp/x", 2))
+    assert list(cfg.es_manager.train.env_configs.n_groups) == [cfg.es_manager.train.env_groups] == [8]
