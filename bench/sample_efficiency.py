@@ -115,20 +115,26 @@ QUICK = ["es_manager.train.env_groups=2", "es_manager.train.group_size=2", "es_m
 
 
 # --------------------------------------------------------------------------------------------- config
+def _follow_env_groups(overrides: list[str]) -> list[str]:
+    """One env tag per task, so its ``n_groups`` must equal ``env_groups``: append ``n_groups=[N]`` for each
+    mode whose last ``env_groups=N`` is not followed by an explicit ``n_groups`` override."""
+    out = list(overrides)
+    for mode in ("train", "val"):
+        env_key, n_key = f"es_manager.{mode}.env_groups=", f"es_manager.{mode}.env_configs.n_groups="
+        env_at = [i for i, o in enumerate(out) if o.startswith(env_key)]
+        n_at = [i for i, o in enumerate(out) if o.startswith(n_key)]
+        if env_at and (not n_at or n_at[-1] < env_at[-1]):
+            out.append(f"{n_key}[{out[env_at[-1]][len(env_key):]}]")
+    return out
+
+
 def task_overrides(task: str, quick: bool = False) -> list[str]:
     spec = TASKS[task]
     tag = spec["tag"]
-    shared = SHARED + (QUICK if quick else [])
-    groups = {"train": 8, "val": 64}
-    for o in shared:  # n_groups must follow env_groups (single tag per task)
-        for mode in groups:
-            if o.startswith(f"es_manager.{mode}.env_groups="):
-                groups[mode] = int(o.split("=")[1])
     # later overrides win: the quick settings come last so they also beat the per-task ones
-    return SHARED + [
-        f"es_manager.train.env_configs.tags=[{tag}]", f"es_manager.train.env_configs.n_groups=[{groups['train']}]",
-        f"es_manager.val.env_configs.tags=[{tag}]", f"es_manager.val.env_configs.n_groups=[{groups['val']}]",
-    ] + spec["overrides"] + (QUICK if quick else [])
+    return _follow_env_groups(SHARED + [
+        f"es_manager.train.env_configs.tags=[{tag}]", f"es_manager.val.env_configs.tags=[{tag}]",
+    ] + spec["overrides"] + (QUICK if quick else []))
 
 
 def compose(overrides: list[str]):
@@ -143,15 +149,10 @@ def compose(overrides: list[str]):
 
 def run_overrides(task: str, estimator: str, seed: int, policy_dir: str, out_dir: str, steps: int,
                   quick: bool = False, extra: list[str] = ()) -> list[str]:
-    extra = list(extra)
-    for mode in ("train", "val"):  # one env tag per task: its n_groups follows an --set env_groups
-        groups = [o.split("=", 1)[1] for o in extra if o.startswith(f"es_manager.{mode}.env_groups=")]
-        if groups and not any(o.startswith(f"es_manager.{mode}.env_configs.n_groups=") for o in extra):
-            extra.append(f"es_manager.{mode}.env_configs.n_groups=[{groups[-1]}]")
-    return task_overrides(task, quick) + ESTIMATORS[estimator] + [
+    return _follow_env_groups(task_overrides(task, quick) + ESTIMATORS[estimator] + [
         f"model_path={policy_dir}", f"trainer.total_training_steps={steps}", f"trainer.default_local_dir={out_dir}",
         f"trainer.experiment_name={task}-{estimator}-seed{seed}", f"seed.train={10000 + 100000 * seed}",
-    ] + extra
+    ] + list(extra))
 
 
 # --------------------------------------------------------------------------------------------- policy
