@@ -318,15 +318,11 @@ class ArcherCritic:
                 seed = 0
         if encoder is None:
             backbone = _select(cfg, "archer.critic.backbone", "hashing")
-            # optional key (base.yaml: false): layout features of text boards, hashing backbone only
+            # optional key (base.yaml: false): layout features of text boards (the factory checks the backbone)
             grid = _select(cfg, "archer.critic.grid_features", False)
             if not isinstance(grid, bool):
                 raise ValueError(f"archer.critic.grid_features must be true or false, got {grid!r}")
-            if grid and str(backbone).strip().lower() != "hashing":
-                raise ValueError(f"archer.critic.grid_features=true needs archer.critic.backbone=hashing, "
-                                 f"got {backbone!r}")
-            extra = {"grid_features": True} if grid else {}
-            encoder = build_text_encoder(backbone, device=device or "cpu", workers=workers, **extra)
+            encoder = build_text_encoder(backbone, device=device or "cpu", workers=workers, grid_features=grid)
         return cls(encoder, device=device, seed=int(seed), num_threads=num_threads, **hp)
 
     # ------------------------------------------------------------------------------------------- data

@@ -356,15 +356,19 @@ class PolicyHiddenEncoder(CallableEncoder):
 
 # ------------------------------------------------------------------------------------------------- factory
 def build_text_encoder(name: str, device: str | torch.device = "cpu", workers: Any = None,
-                       dim: int | None = None, **kwargs: Any) -> TextEncoder:
+                       dim: int | None = None, grid_features: bool = False, **kwargs: Any) -> TextEncoder:
     """``archer.critic.backbone`` -> encoder.
 
     ``dim`` sets the HashingEncoder width (default 512); it is ignored by ``minilm`` (always 384) and, when
-    None, inferred from the policy for ``policy``.  Extra keyword arguments go to the encoder's constructor.
+    None, inferred from the policy for ``policy``.  ``grid_features`` (``archer.critic.grid_features``) exists
+    for ``hashing`` only.  Extra keyword arguments go to the encoder's constructor.
     """
     key = str(name).strip().lower()
+    if grid_features and key != "hashing":
+        raise ValueError(f"archer.critic.grid_features=true needs archer.critic.backbone=hashing, got {name!r}")
     if key == "hashing":
-        return HashingEncoder(dim=512 if dim is None else dim, device=device, **kwargs)
+        return HashingEncoder(dim=512 if dim is None else dim, device=device, grid_features=grid_features,
+                              **kwargs)
     if key == "minilm":
         return MiniLMEncoder(device=device, **kwargs)
     if key == "policy":
