@@ -8,28 +8,47 @@ nothing.  The episode ends after one valid pull.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import TextEnv
+from .base import EnvConfig, TextEnv
 
-__all__ = ["BanditEnv"]
-
-
-def _number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"bandit env_config[{key!r}] must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"bandit env_config[{key!r}] must be finite, got {value!r}")
-    return value
+__all__ = ["BanditConfig", "BanditEnv"]
 
 
-def _name(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"bandit env_config[{key!r}] must be a non-empty string, got {value!r}")
-    return value.strip()
+def _is_number(value: Any) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+            and math.isfinite(float(value)))
+
+
+@dataclass
+class BanditConfig(EnvConfig):
+    """The bandit's ``env_config``."""
+
+    env_type: ClassVar[str] = "bandit"
+    lo_arm_name: str = "Phoenix"
+    hi_arm_name: str = "Dragon"
+    lo_arm_score: float = 0.1
+    hi_arm_score: float = 1.0
+    hi_arm_hiscore_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        for key in ("lo_arm_name", "hi_arm_name"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value.strip():
+                raise self.error(key, "a non-empty string", value)
+            setattr(self, key, value.strip())
+        if self.lo_arm_name.lower() == self.hi_arm_name.lower():
+            raise ValueError(f"bandit env_config['hi_arm_name'] must differ from 'lo_arm_name' (case-insensitively), "
+                             f"both are {self.lo_arm_name!r}")
+        for key in ("lo_arm_score", "hi_arm_score", "hi_arm_hiscore_prob"):
+            if not _is_number(getattr(self, key)):
+                raise self.error(key, "a finite number", getattr(self, key))
+            setattr(self, key, float(getattr(self, key)))
+        if not 0.0 <= self.hi_arm_hiscore_prob <= 1.0:
+            raise self.error("hi_arm_hiscore_prob", "in [0, 1]", self.hi_arm_hiscore_prob)
 
 
 class BanditEnv(TextEnv):
@@ -39,36 +58,14 @@ class BanditEnv(TextEnv):
     tie, the hi arm counts as the best one.
     """
 
-    CONFIG_DEFAULTS: dict[str, Any] = {
-        "lo_arm_name": "Phoenix",
-        "hi_arm_name": "Dragon",
-        "lo_arm_score": 0.1,
-        "hi_arm_score": 1.0,
-        "hi_arm_hiscore_prob": 0.5,
-    }
+    config_class = BanditConfig
 
-    def __init__(
-        self,
-        lo_arm_name: str = "Phoenix",
-        hi_arm_name: str = "Dragon",
-        lo_arm_score: float = 0.1,
-        hi_arm_score: float = 1.0,
-        hi_arm_hiscore_prob: float = 0.5,
-    ) -> None:
-        self.lo_arm_name = _name("lo_arm_name", lo_arm_name)
-        self.hi_arm_name = _name("hi_arm_name", hi_arm_name)
-        if self.lo_arm_name.lower() == self.hi_arm_name.lower():
-            raise ValueError(
-                f"bandit env_config['hi_arm_name'] must differ from 'lo_arm_name' (case-insensitively), "
-                f"both are {self.lo_arm_name!r}"
-            )
-        self.lo_arm_score = _number("lo_arm_score", lo_arm_score)
-        self.hi_arm_score = _number("hi_arm_score", hi_arm_score)
-        self.hi_arm_hiscore_prob = _number("hi_arm_hiscore_prob", hi_arm_hiscore_prob)
-        if not 0.0 <= self.hi_arm_hiscore_prob <= 1.0:
-            raise ValueError(
-                f"bandit env_config['hi_arm_hiscore_prob'] must be in [0, 1], got {self.hi_arm_hiscore_prob}"
-            )
+    def __init__(self, config: BanditConfig | None = None, **env_config: Any) -> None:
+        self.config = config if config is not None else BanditConfig(**env_config)
+        c = self.config
+        self.lo_arm_name, self.hi_arm_name = c.lo_arm_name, c.hi_arm_name
+        self.lo_arm_score, self.hi_arm_score, self.hi_arm_hiscore_prob = (c.lo_arm_score, c.hi_arm_score,
+                                                                          c.hi_arm_hiscore_prob)
         self.expected_values = {
             self.lo_arm_name: self.lo_arm_score,
             self.hi_arm_name: self.hi_arm_score * self.hi_arm_hiscore_prob,

@@ -1,8 +1,35 @@
-"""The small interface every multi-turn text environment implements."""
+"""The small interface every multi-turn text environment implements, and the base of their configs."""
 from __future__ import annotations
 
 import abc
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+
+@dataclass
+class EnvConfig:
+    """Base of each environment's config class: the fields are the ``env_config`` keys with their defaults
+    (the only place they are written); ``__post_init__`` checks them, naming the key."""
+
+    env_type: ClassVar[str] = ""
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> "EnvConfig":
+        """Build from an ``env_config`` mapping (a dict or a DictConfig); unknown keys are refused."""
+        values = dict(values or {})
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown env_config key {unknown[0]!r} for env_type {cls.env_type!r}; "
+                             f"allowed keys: {', '.join(allowed)}")
+        # OmegaConf ListConfig -> list, so the checks see plain Python values
+        plain = {k: list(v) if hasattr(v, "__iter__") and not isinstance(v, (str, bytes, Mapping)) else v
+                 for k, v in values.items()}
+        return cls(**plain)
+
+    def error(self, key: str, allowed: str, value: Any) -> ValueError:
+        return ValueError(f"{self.env_type} env_config[{key!r}] must be {allowed}, got {value!r}")
 
 
 class TextEnv(abc.ABC):

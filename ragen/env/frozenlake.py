@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import gymnasium as gym
 import numpy as np
 from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv as _GymFrozenLake
 from gymnasium.envs.toy_text.frozen_lake import generate_random_map
 
-from .base import TextEnv
+from .base import EnvConfig, TextEnv
 
-__all__ = ["FrozenLakeEnv"]
+__all__ = ["FrozenLakeConfig", "FrozenLakeEnv"]
 
 # Gymnasium's action ids are 0..3 in this order.
 _ACTIONS = ("Left", "Down", "Right", "Up")
@@ -28,6 +29,37 @@ _TILE = {"S": "_", "F": "_", "H": "O", "G": "G"}
 _TILE_WITH_PLAYER = {"S": "P", "F": "P", "H": "X", "G": "√"}
 
 
+def _is_number(value: Any) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+            and math.isfinite(float(value)))
+
+
+@dataclass
+class FrozenLakeConfig(EnvConfig):
+    """FrozenLake's ``env_config``: a random ``size`` x ``size`` map with frozen-tile probability ``p``."""
+
+    env_type: ClassVar[str] = "frozenlake"
+    size: int = 4
+    p: float = 0.8
+    is_slippery: bool = False
+    success_rate: Optional[float] = None  # gymnasium's own slip model, when it supports one
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 2:
+            raise self.error("size", "an int >= 2", self.size)
+        if not _is_number(self.p) or not 0.0 < self.p <= 1.0:
+            raise self.error("p", "a number in (0, 1]", self.p)
+        if not isinstance(self.is_slippery, (bool, np.bool_)):
+            raise self.error("is_slippery", "true or false", self.is_slippery)
+        if self.success_rate is not None:
+            if not _SUPPORTS_SUCCESS_RATE:
+                raise ValueError("frozenlake env_config['success_rate'] is not supported by the installed gymnasium "
+                                 f"({gym.__version__}); leave it unset")
+            if not _is_number(self.success_rate) or not 0.0 <= self.success_rate <= 1.0:
+                raise self.error("success_rate", "a number in [0, 1]", self.success_rate)
+        self.size, self.p, self.is_slippery = int(self.size), float(self.p), bool(self.is_slippery)
+
+
 class FrozenLakeEnv(TextEnv):
     """Walk from the start to the goal without falling into a hole.
 
@@ -36,39 +68,12 @@ class FrozenLakeEnv(TextEnv):
     ``info["success"]`` is True iff the player stands on the goal.
     """
 
-    CONFIG_DEFAULTS: dict[str, Any] = {"size": 4, "p": 0.8, "is_slippery": False, "success_rate": None}
+    config_class = FrozenLakeConfig
 
-    def __init__(
-        self,
-        size: int = 4,
-        p: float = 0.8,
-        is_slippery: bool = False,
-        success_rate: float | None = None,
-    ) -> None:
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 2:
-            raise ValueError(f"frozenlake env_config['size'] must be an int >= 2, got {size!r}")
-        if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not (
-            math.isfinite(p) and 0.0 < p <= 1.0
-        ):
-            raise ValueError(f"frozenlake env_config['p'] must be a number in (0, 1], got {p!r}")
-        if not isinstance(is_slippery, (bool, np.bool_)):
-            raise ValueError(f"frozenlake env_config['is_slippery'] must be true or false, got {is_slippery!r}")
-        if success_rate is not None:
-            if not _SUPPORTS_SUCCESS_RATE:
-                raise ValueError(
-                    "frozenlake env_config['success_rate'] is not supported by the installed gymnasium "
-                    f"({gym.__version__}); leave it unset"
-                )
-            if isinstance(success_rate, bool) or not isinstance(
-                success_rate, (int, float, np.integer, np.floating)
-            ) or not 0.0 <= success_rate <= 1.0:
-                raise ValueError(
-                    f"frozenlake env_config['success_rate'] must be a number in [0, 1], got {success_rate!r}"
-                )
-        self.size = int(size)
-        self.p = float(p)
-        self.is_slippery = bool(is_slippery)
-        self.success_rate = None if success_rate is None else float(success_rate)
+    def __init__(self, config: FrozenLakeConfig | None = None, **env_config: Any) -> None:
+        self.config = config if config is not None else FrozenLakeConfig(**env_config)
+        self.size, self.p, self.is_slippery = self.config.size, self.config.p, self.config.is_slippery
+        self.success_rate = self.config.success_rate
         self._lookup = {name.lower(): i for i, name in enumerate(_ACTIONS)}
         slip = (
             " The ice is slippery: you may slide sideways instead of moving where you chose."

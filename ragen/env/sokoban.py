@@ -22,15 +22,16 @@ code  meaning             symbol
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from .base import TextEnv
+from .base import EnvConfig, TextEnv
 
-__all__ = ["SokobanCore", "SokobanEnv", "solve_sokoban", "parse_layout", "render_room"]
+__all__ = ["SokobanConfig", "SokobanCore", "SokobanEnv", "solve_sokoban", "parse_layout", "render_room"]
 
 WALL, EMPTY, TARGET, BOX_ON_TARGET, BOX, PLAYER, PLAYER_ON_TARGET = range(7)
 SYMBOLS = "#_O√XPS"  # indexed by cell code
@@ -241,10 +242,40 @@ def solve_sokoban(room_state: np.ndarray | str | Sequence[str], max_states: int 
 
 
 # ---------------------------------------------------------------------------------------------- gym core
-def _check_int(key: str, value: Any, low: int) -> int:
+def _check_int(config: "SokobanConfig", key: str, low: int) -> int:
+    value = getattr(config, key)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"sokoban env_config[{key!r}] must be an int >= {low}, got {value!r}")
+        raise config.error(key, f"an int >= {low}", value)
     return int(value)
+
+
+@dataclass
+class SokobanConfig(EnvConfig):
+    """Sokoban's ``env_config``: room size, boxes, step limit and the reverse-play depth of the generator."""
+
+    env_type: ClassVar[str] = "sokoban"
+    dim_room: Sequence[int] = (6, 6)
+    num_boxes: int = 1
+    max_steps: int = 100
+    search_depth: int = 30
+
+    def __post_init__(self) -> None:
+        try:
+            dims = tuple(self.dim_room)
+        except TypeError:
+            dims = ()
+        if len(dims) != 2 or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 3 for d in dims):
+            raise self.error("dim_room", "two ints >= 3", self.dim_room)
+        self.dim_room = (int(dims[0]), int(dims[1]))
+        self.num_boxes = _check_int(self, "num_boxes", 1)
+        if self.num_boxes + 1 > (self.dim_room[0] - 2) * (self.dim_room[1] - 2) // 2:
+            raise ValueError(f"sokoban env_config['num_boxes']={self.num_boxes} is too many for "
+                             f"dim_room={list(self.dim_room)}")
+        self.max_steps = _check_int(self, "max_steps", 1)
+        self.search_depth = _check_int(self, "search_depth", 1)
+
+
+_DEFAULTS = SokobanConfig()
 
 
 class SokobanCore(gym.Env):
@@ -260,26 +291,15 @@ class SokobanCore(gym.Env):
 
     def __init__(
         self,
-        dim_room: Sequence[int] = (6, 6),
-        num_boxes: int = 1,
-        max_steps: int = 100,
-        search_depth: int = 30,
+        dim_room: Sequence[int] = _DEFAULTS.dim_room,
+        num_boxes: int = _DEFAULTS.num_boxes,
+        max_steps: int = _DEFAULTS.max_steps,
+        search_depth: int = _DEFAULTS.search_depth,
         render_mode: str | None = None,
     ) -> None:
-        try:
-            dims = tuple(dim_room)
-        except TypeError:
-            dims = ()
-        if len(dims) != 2 or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 3 for d in dims):
-            raise ValueError(f"sokoban env_config['dim_room'] must be two ints >= 3, got {dim_room!r}")
-        self.dim_room = (int(dims[0]), int(dims[1]))
-        self.num_boxes = _check_int("num_boxes", num_boxes, 1)
-        if self.num_boxes + 1 > (self.dim_room[0] - 2) * (self.dim_room[1] - 2) // 2:
-            raise ValueError(
-                f"sokoban env_config['num_boxes']={self.num_boxes} is too many for dim_room={list(self.dim_room)}"
-            )
-        self.max_steps = _check_int("max_steps", max_steps, 1)
-        self.search_depth = _check_int("search_depth", search_depth, 1)
+        config = SokobanConfig(dim_room, num_boxes, max_steps, search_depth)
+        self.dim_room, self.num_boxes = config.dim_room, config.num_boxes
+        self.max_steps, self.search_depth = config.max_steps, config.search_depth
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.render_mode = render_mode
@@ -388,16 +408,12 @@ class SokobanEnv(TextEnv):
     ``boxes_on_target`` and ``steps``.  A move into a wall is a valid action: it costs the step penalty.
     """
 
-    CONFIG_DEFAULTS: dict[str, Any] = {"dim_room": [6, 6], "num_boxes": 1, "max_steps": 100, "search_depth": 30}
+    config_class = SokobanConfig
 
-    def __init__(
-        self,
-        dim_room: Sequence[int] = (6, 6),
-        num_boxes: int = 1,
-        max_steps: int = 100,
-        search_depth: int = 30,
-    ) -> None:
-        self.gym_env = SokobanCore(dim_room, num_boxes, max_steps, search_depth, render_mode="ansi")
+    def __init__(self, config: SokobanConfig | None = None, **env_config: Any) -> None:
+        self.config = config if config is not None else SokobanConfig(**env_config)
+        c = self.config
+        self.gym_env = SokobanCore(c.dim_room, c.num_boxes, c.max_steps, c.search_depth, render_mode="ansi")
         self._lookup = {name.lower(): i for i, name in enumerate(ACTIONS)}
         self.instruction = (
             "You are solving Sokoban. Push every box X onto a target O. You can push a box but never pull it, "

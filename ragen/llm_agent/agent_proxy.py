@@ -31,15 +31,14 @@ import numpy as np
 import torch
 from verl import DataProto
 
+from verl.utils.model import compute_position_id_with_mask
+
+from ragen.config import RunConfig, load_config
+
 from .ctx_manager import ContextManager, Dialogue
-from .es_manager import EnvStateManager, as_config, cfg_get
+from .es_manager import MODES, EnvStateManager
 
-__all__ = ["AgentProxy", "build_batch", "left_pad", "position_ids_from_mask"]
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """cumsum(mask) - 1 clamped at 0 (works for left and right padding)."""
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+__all__ = ["AgentProxy", "build_batch", "left_pad"]
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +87,7 @@ def build_batch(dialogues: list[Dialogue], turn_scores: list[list[float]], pad_i
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "position_ids": position_ids_from_mask(attention_mask),
+        "position_ids": compute_position_id_with_mask(attention_mask),
         "loss_mask": loss_mask,
         "token_level_rewards": rewards,
     }
@@ -97,56 +96,42 @@ def build_batch(dialogues: list[Dialogue], turn_scores: list[list[float]], pad_i
 class AgentProxy:
     """Batched multi-turn rollouts of the policy behind ``workers`` in the envs of ``config``."""
 
-    def __init__(self, config: Any, workers: Any, tokenizer: Any = None,
+    def __init__(self, config: RunConfig, workers: Any, tokenizer: Any = None,
                  env_factory: Optional[Callable[[str, dict], Any]] = None):
-        self.config = as_config(config)
+        self.config = config = load_config(config)
         self.workers = workers
         self.tokenizer = tokenizer if tokenizer is not None else getattr(workers, "tokenizer", None)
         if self.tokenizer is None:
             raise ValueError("AgentProxy needs a tokenizer (argument or workers.tokenizer)")
+        self.max_turn = config.agent_proxy.max_turn
+        self.use_turn_scores = config.agent_proxy.use_turn_scores
+        self.format_penalty = config.es_manager.format_penalty
+        self.response_length = config.actor_rollout_ref.rollout.response_length
+        self.filter_ratio = config.actor_rollout_ref.rollout.rollout_filter_ratio
+        self.ctx = ContextManager(config, self.tokenizer)
         self.env_factory = env_factory
-        self.max_turn = int(cfg_get(self.config, "agent_proxy.max_turn", 5))
-        if self.max_turn < 1:
-            raise ValueError(f"agent_proxy.max_turn must be >= 1, got {self.max_turn}")
-        window = cfg_get(self.config, "agent_proxy.max_context_window", None)
-        if window is not None and int(window) < self.max_turn:
-            raise ValueError(f"agent_proxy.max_context_window={window}: only the full-history mode is supported "
-                             f"(null or >= agent_proxy.max_turn={self.max_turn})")
-        self.use_turn_scores = bool(cfg_get(self.config, "agent_proxy.use_turn_scores", False))
-        self.format_penalty = float(cfg_get(self.config, "es_manager.format_penalty", -0.1))
-        self.response_length = int(cfg_get(self.config, "actor_rollout_ref.rollout.response_length", 64))
-        if self.response_length < 1:
-            raise ValueError("actor_rollout_ref.rollout.response_length must be >= 1")
-        self.filter_ratio = float(cfg_get(self.config, "actor_rollout_ref.rollout.rollout_filter_ratio", 1.0))
-        if not 0.0 < self.filter_ratio <= 1.0:
-            raise ValueError("actor_rollout_ref.rollout.rollout_filter_ratio must be in (0, 1], "
-                             f"got {self.filter_ratio}")
-        self.ctx = ContextManager(self.config, self.tokenizer)
         self._managers: dict[str, EnvStateManager] = {}
 
     # ------------------------------------------------------------------ helpers
     def env_manager(self, mode: str) -> EnvStateManager:
+        """The envs of ``mode``, built on first use."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode not in self._managers:
             self._managers[mode] = EnvStateManager(self.config, mode, env_factory=self.env_factory)
         return self._managers[mode]
 
     def generation_kwargs(self, mode: str) -> dict[str, Any]:
-        prefix = "actor_rollout_ref.rollout" + (".val_kwargs" if mode == "val" else "")
+        rollout = self.config.actor_rollout_ref.rollout
         if mode == "val":
-            temperature = float(cfg_get(self.config, f"{prefix}.temperature", 0.0))
-            top_p = float(cfg_get(self.config, f"{prefix}.top_p", 1.0))
-            do_sample = bool(cfg_get(self.config, f"{prefix}.do_sample", False))
+            temperature, top_p, do_sample = rollout.val_kwargs.temperature, 1.0, rollout.val_kwargs.do_sample
         else:
-            temperature = float(cfg_get(self.config, f"{prefix}.temperature", 1.0))
-            top_p = float(cfg_get(self.config, f"{prefix}.top_p", 1.0))
-            do_sample = bool(cfg_get(self.config, f"{prefix}.do_sample", True))
-        if temperature <= 0.0:
-            do_sample = False
+            temperature, top_p, do_sample = rollout.temperature, rollout.top_p, True
         return {"max_new_tokens": self.response_length, "temperature": temperature, "top_p": top_p,
-                "do_sample": do_sample}
+                "do_sample": do_sample and temperature > 0.0}
 
     def _generation_seed(self, mode: str, step: int, turn: int) -> int:
-        base = int(cfg_get(self.config, f"seed.{mode}", 0))
+        base = getattr(self.config.seed, mode)
         return (base * 1_000_003 + int(step) * (self.max_turn + 1) + turn) % (2 ** 31 - 1)
 
     def _generate(self, prompts: list[list[int]], mode: str, step: int, turn: int) -> list[list[int]]:
@@ -156,7 +141,7 @@ class AgentProxy:
                     pad_token_id=self.ctx.pad_id)
         request = DataProto.from_dict(
             tensors={"input_ids": input_ids, "attention_mask": attention_mask,
-                     "position_ids": position_ids_from_mask(attention_mask)},
+                     "position_ids": compute_position_id_with_mask(attention_mask)},
             meta_info=meta)
         out = self.workers.generate(request)
         responses = out.batch["responses"]
@@ -186,7 +171,7 @@ class AgentProxy:
         below ``seed.train`` walked backwards, so they overlap neither training nor validation seeds.
         """
         esm = self.env_manager("train")
-        base = int(cfg_get(self.config, "seed.train", 0))
+        base = self.config.seed.train
         rng = np.random.default_rng(base + 7919 * (int(step) + 1))
         dialogues, scores, uids = [], [], []
         for i, state in enumerate(esm.reset(step)):

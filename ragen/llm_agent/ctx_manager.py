@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .es_manager import as_config, cfg_get
+from ragen.config import RunConfig, load_config
 
 __all__ = ["ContextManager", "Dialogue", "PREFILL"]
 
@@ -48,16 +48,14 @@ class Dialogue:
 class ContextManager:
     """Builds and parses the chat of the agent proxy."""
 
-    def __init__(self, config: Any, tokenizer: Any, check_template: bool = True):
-        self.config = as_config(config)
+    def __init__(self, config: RunConfig, tokenizer: Any, check_template: bool = True):
+        proxy = load_config(config).agent_proxy
         self.tokenizer = tokenizer
-        self.max_turn = int(cfg_get(self.config, "agent_proxy.max_turn", 5))
-        self.action_sep = str(cfg_get(self.config, "agent_proxy.action_sep", "||"))
-        self.max_actions_per_turn = int(cfg_get(self.config, "agent_proxy.max_actions_per_turn", 5))
-        self.enable_think = bool(cfg_get(self.config, "agent_proxy.enable_think", True))
-        self.prefill_answer = bool(cfg_get(self.config, "agent_proxy.prefill_answer", False))
-        if not self.action_sep.strip():
-            raise ValueError("agent_proxy.action_sep must not be blank")
+        self.max_turn = proxy.max_turn
+        self.action_sep = proxy.action_sep
+        self.max_actions_per_turn = proxy.max_actions_per_turn
+        self.enable_think = proxy.enable_think
+        self.prefill_answer = proxy.prefill_answer
         self.prefill = PREFILL if self.prefill_answer else ""
         self.eot_token, self.eot_id = self._end_of_turn(tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)

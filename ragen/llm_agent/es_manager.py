@@ -6,36 +6,19 @@ split among the env tags of ``es_manager.<mode>.env_configs.tags`` by ``.n_group
 
 Seeds: all envs of one group share one seed (and one ``uid``) so that group-relative estimators compare
 like with like.  Training seeds are ``seed.train + step * env_groups + group`` (never reused across steps);
-validation seeds are ``seed.val + group`` at every step (a fixed held-out set).  The two ranges must not
-overlap, which is checked at construction.
+validation seeds are ``seed.val + group`` at every step (a fixed held-out set); ``load_config`` checks that
+the two ranges do not overlap.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from ragen.config import RunConfig, load_config
 
-__all__ = ["EnvState", "EnvStateManager", "as_config", "cfg_get"]
+__all__ = ["EnvState", "EnvStateManager", "MODES"]
 
 MODES = ("train", "val")
-
-
-def as_config(config: Any) -> DictConfig:
-    """Accept a DictConfig or a plain (nested) dict."""
-    if isinstance(config, DictConfig):
-        return config
-    return OmegaConf.create(config if config is not None else {})
-
-
-def cfg_get(config: DictConfig, key: str, default: Any = None) -> Any:
-    """``OmegaConf.select`` with a default that also applies to explicit nulls."""
-    value = OmegaConf.select(config, key, default=None)
-    if value is None:
-        return default
-    if isinstance(value, DictConfig) or OmegaConf.is_list(value):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 @dataclass
@@ -65,81 +48,42 @@ class EnvState:
         return max(0, self.max_actions - self.actions_used)
 
 
-def _default_env_factory(env_type: str, env_config: dict):
-    from ragen.env import make_env  # imported lazily: written by another module
-
-    return make_env(env_type, env_config)
-
-
 class EnvStateManager:
-    """All environments of one mode ("train" or "val")."""
+    """All environments of one mode ("train" or "val").  The config was checked by ``load_config``; env
+    configs are checked here, where the env classes are known (before any model is loaded)."""
 
-    def __init__(self, config: Any, mode: str = "train",
+    def __init__(self, config: RunConfig, mode: str = "train",
                  env_factory: Optional[Callable[[str, dict], Any]] = None):
+        config = load_config(config)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.config = as_config(config)
+        from ragen.env import make_env
+
         self.mode = mode
-        self.env_factory = env_factory or _default_env_factory
-        prefix = f"es_manager.{mode}"
-        self.env_groups = int(cfg_get(self.config, f"{prefix}.env_groups", 1))
-        self.group_size = int(cfg_get(self.config, f"{prefix}.group_size", 1))
-        if self.env_groups < 1 or self.group_size < 1:
-            raise ValueError(f"{prefix}.env_groups and {prefix}.group_size must be >= 1, got "
-                             f"{self.env_groups} and {self.group_size}")
-        tags = list(cfg_get(self.config, f"{prefix}.env_configs.tags", []) or [])
-        n_groups = [int(n) for n in (cfg_get(self.config, f"{prefix}.env_configs.n_groups", []) or [])]
-        if not tags:
-            raise ValueError(f"{prefix}.env_configs.tags is empty")
-        if len(tags) != len(n_groups):
-            raise ValueError(f"{prefix}.env_configs.tags ({len(tags)} entries) and "
-                             f"{prefix}.env_configs.n_groups ({len(n_groups)} entries) must have the same length")
-        if any(n < 0 for n in n_groups):
-            raise ValueError(f"{prefix}.env_configs.n_groups must be non-negative, got {n_groups}")
-        if sum(n_groups) != self.env_groups:
-            raise ValueError(f"sum of {prefix}.env_configs.n_groups ({sum(n_groups)}) must equal "
-                             f"{prefix}.env_groups ({self.env_groups})")
-        self.max_actions_per_turn = int(cfg_get(self.config, "agent_proxy.max_actions_per_turn", 1))
-        if self.max_actions_per_turn < 1:
-            raise ValueError("agent_proxy.max_actions_per_turn must be >= 1")
-        self.seed_train = int(cfg_get(self.config, "seed.train", 10000))
-        self.seed_val = int(cfg_get(self.config, "seed.val", 123))
-        self._check_seed_ranges()
+        self.env_factory = env_factory or make_env
+        groups = getattr(config.es_manager, mode)
+        self.env_groups, self.group_size = groups.env_groups, groups.group_size
+        self.seed_train, self.seed_val = config.seed.train, config.seed.val
 
         self.envs: list[EnvState] = []
         self.group_tags: list[str] = []
-        for tag, n in zip(tags, n_groups):
-            spec = cfg_get(self.config, f"custom_envs.{tag}")
-            if spec is None:
-                raise ValueError(f"custom_envs.{tag} is not defined (used by {prefix}.env_configs.tags)")
-            if "env_type" not in spec:
-                raise ValueError(f"custom_envs.{tag}.env_type is missing")
-            max_actions = int(spec.get("max_actions_per_traj") or 1)
-            if max_actions < 1:
-                raise ValueError(f"custom_envs.{tag}.max_actions_per_traj must be >= 1")
-            env_config = dict(spec.get("env_config") or {})
+        for tag, n in zip(groups.env_configs.tags, groups.env_configs.n_groups):
+            spec = config.custom_envs[tag]
             for _ in range(n):
                 group = len(self.group_tags)
                 self.group_tags.append(tag)
                 for _ in range(self.group_size):
-                    env = self.env_factory(spec["env_type"], env_config)
-                    instruction = spec.get("env_instruction") or getattr(env, "instruction", "") or ""
+                    try:
+                        env = self.env_factory(spec.env_type, dict(spec.env_config))
+                    except ValueError as exc:
+                        raise ValueError(f"custom_envs.{tag}: {exc}") from None
+                    instruction = spec.env_instruction or getattr(env, "instruction", "") or ""
                     self.envs.append(EnvState(env=env, tag=tag, group=group, env_id=len(self.envs),
-                                              max_actions=max_actions, instruction=str(instruction)))
+                                              max_actions=spec.max_actions_per_traj, instruction=str(instruction)))
+        self.max_actions_per_turn = config.agent_proxy.max_actions_per_turn
         self.step_index: Optional[int] = None
 
     # ------------------------------------------------------------------ seeds
-    def _check_seed_ranges(self) -> None:
-        val_groups = int(cfg_get(self.config, "es_manager.val.env_groups", 0) or 0)
-        if val_groups <= 0:
-            return
-        lo, hi = self.seed_val, self.seed_val + val_groups  # val seeds: [lo, hi)
-        # train seeds are every integer >= seed.train (one block of env_groups per step)
-        if hi > self.seed_train:
-            raise ValueError(f"validation seeds [{lo}, {hi}) (seed.val + es_manager.val.env_groups) overlap the "
-                             f"training seeds (>= seed.train = {self.seed_train}); choose seed.val + "
-                             f"es_manager.val.env_groups <= seed.train")
-
     def group_seed(self, step: int, group: int) -> int:
         if self.mode == "train":
             return self.seed_train + int(step) * self.env_groups + group

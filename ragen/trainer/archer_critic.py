@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import numbers
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -22,6 +23,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ragen.config import UtteranceCriticConfig, check_section, parse_config
 
 from .replay_buffer import ReplayBuffer, Transition
 from .text_encoders import TextEncoder, build_text_encoder
@@ -170,81 +173,6 @@ class DoubleCriticHeads(nn.Module):
 
 
 # ================================================================================================ critic
-# constructor argument -> the config key users type (error messages from from_config name the key)
-CONFIG_KEYS = {
-    "gamma": "algorithm.high_level_gamma",
-    "tau": "archer.critic.tau",
-    "lr": "archer.critic.lr",
-    "hidden_size": "archer.critic.hidden_size",
-    "num_layers": "archer.critic.num_layers",
-    "batch_size": "archer.critic.batch_size",
-    "loss": "archer.critic.loss",
-    "grad_clip": "archer.critic.grad_clip",
-    "updates": "archer.critic.updates",
-    "max_obs_chars": "archer.critic.max_obs_chars",
-    "replay_capacity": "archer.replay.capacity",
-}
-DEFAULTS = {
-    "gamma": 0.95, "tau": 0.1, "lr": 1e-3, "hidden_size": 256, "num_layers": 2, "batch_size": 64,
-    "loss": "mse", "grad_clip": 1.0, "updates": 20, "max_obs_chars": 2000, "replay_capacity": 10000,
-}
-LOSSES = ("mse", "huber")
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_hparams(hp: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
-    """Validate the hyper-parameters; errors name ``names[arg]`` (constructor arg or config key)."""
-    out = dict(hp)
-    n = lambda k: names.get(k, k)  # noqa: E731
-    out["gamma"] = _check_unit_interval(hp["gamma"], n("gamma"))
-    out["tau"] = _check_unit_interval(hp["tau"], n("tau"))
-    lr = hp["lr"]
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"{n('lr')} must be a finite number > 0, got {lr!r}")
-    out["lr"] = float(lr)
-    out["hidden_size"] = _check_int(hp["hidden_size"], n("hidden_size"), 1)
-    out["num_layers"] = _check_int(hp["num_layers"], n("num_layers"), 0)
-    out["batch_size"] = _check_int(hp["batch_size"], n("batch_size"), 1)
-    out["updates"] = _check_int(hp["updates"], n("updates"), 0)
-    out["max_obs_chars"] = _check_int(hp["max_obs_chars"], n("max_obs_chars"), 1)
-    out["replay_capacity"] = _check_int(hp["replay_capacity"], n("replay_capacity"), 1)
-    loss = str(hp["loss"]).strip().lower() if isinstance(hp["loss"], str) else hp["loss"]
-    if loss not in LOSSES:
-        raise ValueError(f"{n('loss')} must be one of {list(LOSSES)}, got {hp['loss']!r}")
-    out["loss"] = loss
-    gc = hp["grad_clip"]
-    if gc is None:
-        gc = 0.0
-    if isinstance(gc, bool) or not isinstance(gc, numbers.Real) or not math.isfinite(gc) or gc < 0:
-        raise ValueError(f"{n('grad_clip')} must be a finite number >= 0 (0 disables clipping), got {gc!r}")
-    out["grad_clip"] = float(gc)
-    return out
-
-
-def _select(cfg: Any, dotted: str, default: Any) -> Any:
-    """``cfg.a.b.c`` for OmegaConf DictConfig, nested dicts or attribute objects; ``default`` when missing."""
-    node = cfg
-    for part in dotted.split("."):
-        if node is None:
-            return default
-        if isinstance(node, Mapping) or hasattr(node, "keys"):
-            if part not in node:
-                return default
-            node = node[part]
-        elif hasattr(node, part):
-            node = getattr(node, part)
-        else:
-            return default
-    return default if node is None else node
-
-
 class ArcherCritic:
     """The utterance critic: encoder + online/target ``DoubleCriticHeads`` + AdamW + FIFO replay buffer.
 
@@ -253,77 +181,54 @@ class ArcherCritic:
         critic.add(transitions)                 # Transition objects or turn_records dicts
         metrics = critic.update(num_steps=cfg.archer.critic.updates)
         q, v = critic.turn_values(obs, actions) # pessimistic pair; A = q - v
+
+    Hyper-parameters are an ``archer.critic`` section (:class:`ragen.config.UtteranceCriticConfig`, whose
+    defaults and checks are the only ones), optionally overridden by keyword (``ArcherCritic(enc, tau=0.3)``).
     """
 
-    def __init__(self, encoder: TextEncoder, gamma: float = 0.95, tau: float = 0.1, lr: float = 1e-3,
-                 hidden_size: int = 256, num_layers: int = 2, batch_size: int = 64, loss: str = "mse",
-                 grad_clip: float | None = 1.0, replay_capacity: int = 10000, max_obs_chars: int = 2000,
-                 device: str | torch.device | None = None, seed: int = 0, updates: int = 20,
-                 weight_decay: float = 0.0, num_threads: int | None = 1) -> None:
+    def __init__(self, encoder: TextEncoder, settings: UtteranceCriticConfig | None = None, *, gamma: float = 0.95,
+                 replay_capacity: int = 10000, device: str | torch.device | None = None, seed: int = 0,
+                 weight_decay: float = 0.0, **overrides: Any) -> None:
         if encoder is None or not hasattr(encoder, "encode") or not hasattr(encoder, "dim"):
             raise ValueError("encoder must have .dim and .encode(list[str]) -> [N, dim]")
-        hp = _check_hparams(dict(gamma=gamma, tau=tau, lr=lr, hidden_size=hidden_size, num_layers=num_layers,
-                                 batch_size=batch_size, loss=loss, grad_clip=grad_clip, updates=updates,
-                                 max_obs_chars=max_obs_chars, replay_capacity=replay_capacity), {})
-        if not isinstance(weight_decay, numbers.Real) or weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-        self.hparams = hp
+        settings = dataclasses.replace(settings or UtteranceCriticConfig(), **overrides)
+        check_section(settings, "archer.critic.")
+        self.gamma = _check_unit_interval(gamma, "gamma")
+        self.settings = settings
         self.encoder = encoder
-        self.gamma = hp["gamma"]
-        self.tau = hp["tau"]
-        self.lr = hp["lr"]
-        self.batch_size = hp["batch_size"]
-        self.loss = hp["loss"]
-        self.grad_clip = hp["grad_clip"]
-        self.updates = hp["updates"]
-        self.max_obs_chars = hp["max_obs_chars"]
+        self.tau, self.lr, self.batch_size, self.loss = settings.tau, settings.lr, settings.batch_size, settings.loss
+        self.grad_clip, self.updates, self.max_obs_chars = settings.grad_clip, settings.updates, settings.max_obs_chars
+        self.num_threads = settings.num_threads or None
         self.seed = int(seed)
-        if num_threads is not None:
-            num_threads = _check_int(num_threads, "num_threads", 1)
-        self.num_threads = num_threads
-        if device is None:
-            device = getattr(encoder, "device", "cpu")
-        self.device = torch.device(device)
+        self.device = torch.device(device if device is not None else getattr(encoder, "device", "cpu"))
 
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the global RNG alone
             torch.manual_seed(self.seed)
-            heads = DoubleCriticHeads(int(encoder.dim), hp["hidden_size"], hp["num_layers"])
+            heads = DoubleCriticHeads(int(encoder.dim), settings.hidden_size, settings.num_layers)
         self.heads = heads.to(self.device)
         self.target = copy.deepcopy(self.heads)
         self.target.requires_grad_(False)
         self.target.eval()
         self.optimizer = torch.optim.AdamW(self.heads.parameters(), lr=self.lr, weight_decay=float(weight_decay))
-        self.buffer = ReplayBuffer(hp["replay_capacity"], seed=self.seed)
+        self.buffer = ReplayBuffer(replay_capacity, seed=self.seed)
         self.num_updates = 0
 
     # ------------------------------------------------------------------------------------------- config
     @classmethod
     def from_config(cls, cfg: Any, encoder: TextEncoder | None = None, *, device: str | torch.device | None = None,
                     seed: int | None = None, workers: Any = None) -> "ArcherCritic":
-        """Build from the project config (keys ``archer.critic.*``, ``archer.replay.capacity``,
-        ``algorithm.high_level_gamma``; missing keys take ``config/base.yaml``'s defaults).
+        """Build from the run config (``archer.critic.*``, ``archer.replay.capacity``, ``algorithm.high_level_gamma``,
+        ``seed.train``); a partial dict or DictConfig takes ``config/base.yaml``'s defaults for what it lacks.
 
         Without ``encoder``, one is built from ``archer.critic.backbone`` (``workers`` needed for ``policy``).
-        ``seed`` defaults to ``seed.train`` (or an int ``seed``) of the config, else 0.
         """
-        hp = {k: _select(cfg, key, DEFAULTS[k]) for k, key in CONFIG_KEYS.items()}
-        hp = _check_hparams(hp, CONFIG_KEYS)
-        # optional key (not in base.yaml): CPU threads for the heads' maths, 0 = leave torch's setting
-        num_threads = _check_int(_select(cfg, "archer.critic.num_threads", 1), "archer.critic.num_threads", 0)
-        num_threads = num_threads or None
-        if seed is None:
-            s = _select(cfg, "seed", 0)
-            seed = _select(s, "train", 0) if (isinstance(s, Mapping) or hasattr(s, "keys")) else s
-            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-                seed = 0
+        run = parse_config(cfg)
+        settings = run.archer.critic
         if encoder is None:
-            backbone = _select(cfg, "archer.critic.backbone", "hashing")
-            # optional key (base.yaml: false): layout features of text boards (the factory checks the backbone)
-            grid = _select(cfg, "archer.critic.grid_features", False)
-            if not isinstance(grid, bool):
-                raise ValueError(f"archer.critic.grid_features must be true or false, got {grid!r}")
-            encoder = build_text_encoder(backbone, device=device or "cpu", workers=workers, grid_features=grid)
-        return cls(encoder, device=device, seed=int(seed), num_threads=num_threads, **hp)
+            encoder = build_text_encoder(settings.backbone, device=device or "cpu", workers=workers,
+                                         grid_features=settings.grid_features)
+        return cls(encoder, settings, gamma=run.algorithm.high_level_gamma, replay_capacity=run.archer.replay.capacity,
+                   device=device, seed=run.seed.train if seed is None else seed)
 
     # ------------------------------------------------------------------------------------------- data
     def add(self, transitions: Iterable[Transition | Mapping[str, Any]]) -> None:
@@ -369,7 +274,8 @@ class ArcherCritic:
         """
         if num_steps is None:
             num_steps = self.updates
-        num_steps = _check_int(num_steps, "num_steps", 0)
+        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 0:
+            raise ValueError(f"num_steps must be an int >= 0, got {num_steps!r}")
         metrics = {"critic/loss": 0.0, "critic/q_mean": 0.0, "critic/v_mean": 0.0, "critic/td_error": 0.0,
                    "critic/buffer_size": float(len(self.buffer)), "critic/steps": float(num_steps)}
         if num_steps == 0:
@@ -476,7 +382,7 @@ class ArcherCritic:
             "optimizer": self.optimizer.state_dict(),
             "buffer": self.buffer.state_dict(),
             "num_updates": self.num_updates,
-            "hparams": dict(self.hparams),
+            "settings": dataclasses.asdict(self.settings),
             "encoder_dim": int(self.encoder.dim),
         }
 

@@ -18,6 +18,7 @@ Importing :mod:`ragen` registers ``archer`` and ``bi_level_gae`` in veRL's advan
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -27,6 +28,8 @@ __all__ = [
     "compute_archer_advantage_return",
     "compute_bi_level_gae_advantage_return",
     "register_with_verl",
+    "run_estimator",
+    "check_estimator",
     "MissingValuesError",
 ]
 
@@ -372,24 +375,12 @@ _HOW_TO_GET_VALUES = (
 )
 
 
-def _config_get(config: Any, key: str, default: Any) -> Any:
-    if config is None:
-        return default
-    if isinstance(config, dict):
-        return config.get(key, default)
-    getter = getattr(config, "get", None)
-    if callable(getter):
-        try:
-            return getter(key, default)
-        except Exception:  # dataclass-style configs whose get() is strict
-            pass
-    return getattr(config, key, default)
-
-
 def _discounts(config: Any) -> dict[str, float]:
-    """gamma, lam and high_level_gamma from veRL's algorithm config (defaults as config/base.yaml)."""
-    return {"gamma": _config_get(config, "gamma", 1.0), "lam": _config_get(config, "lam", 1.0),
-            "high_level_gamma": _config_get(config, "high_level_gamma", 0.95)}
+    """gamma, lam and high_level_gamma from an algorithm config (a dict, a DictConfig or veRL's AlgoConfig: all
+    three have ``get``); defaults as config/base.yaml."""
+    config = config if config is not None else {}
+    return {"gamma": config.get("gamma", 1.0), "lam": config.get("lam", 1.0),
+            "high_level_gamma": config.get("high_level_gamma", 0.95)}
 
 
 def _require_values(name: str, values: Optional[torch.Tensor], fn: str) -> torch.Tensor:
@@ -411,7 +402,7 @@ def _archer_from_verl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``archer`` as veRL calls it (keyword arguments of ``compute_advantage``), plus ``values``."""
     values = _require_values("archer", values, "compute_archer_advantage_return")
-    alpha = _config_get(config, "archer_alpha", _config_get(_config_get(config, "archer", None), "alpha", 0.1))
+    alpha = (config if config is not None else {}).get("archer_alpha", 0.1)
     return compute_archer_advantage_return(token_level_rewards, values, response_mask, archer_alpha=alpha,
                                            turn_q=turn_q, turn_v=turn_v, **_discounts(config))
 
@@ -430,6 +421,56 @@ def _bi_level_gae_from_verl(
 
 
 VERL_ESTIMATORS = {"archer": _archer_from_verl, "bi_level_gae": _bi_level_gae_from_verl}
+
+# What our trainer can hand an estimator (veRL's compute_advantage keywords, plus the critic's values and the
+# utterance critic's per-turn tables, plus gamma / lam / norm_adv_by_std_in_grpo for veRL's gae and grpo).
+ESTIMATOR_INPUTS = ("token_level_rewards", "response_mask", "config", "index", "values", "turn_q", "turn_v",
+                    "gamma", "lam", "norm_adv_by_std_in_grpo")
+
+
+def estimator_parameters(name: str) -> tuple[set[str], bool]:
+    """``(required keyword names, accepts **kwargs)`` of the registered estimator ``name``."""
+    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+
+    params = inspect.signature(get_adv_estimator_fn(name)).parameters.values()
+    required = {p.name for p in params
+                if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return required, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_estimator(name: str) -> None:
+    """``ValueError`` when ``name`` is not registered or needs an input our trainer cannot give."""
+    from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY
+
+    if name not in ADV_ESTIMATOR_REGISTRY:
+        raise ValueError(f"algorithm.adv_estimator={name!r} is not in veRL's estimator registry (registered: "
+                         f"{', '.join(sorted(ADV_ESTIMATOR_REGISTRY))})")
+    missing = estimator_parameters(name)[0] - set(ESTIMATOR_INPUTS)
+    if missing:
+        raise ValueError(f"algorithm.adv_estimator={name!r} needs {sorted(missing)}, which the agent trainer does not "
+                         f"produce (it gives: {', '.join(ESTIMATOR_INPUTS)})")
+
+
+def run_estimator(name: str, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Call the estimator registered as ``name`` in veRL's registry with the inputs it declares.
+
+    ``inputs`` are keywords from :data:`ESTIMATOR_INPUTS`; an estimator that takes ``**kwargs`` gets them all.
+    This is how the trainer reaches every estimator, veRL's ``gae`` / ``grpo``, ours, and any a user registers.
+    """
+    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+
+    unknown = set(inputs) - set(ESTIMATOR_INPUTS)
+    if unknown:
+        raise ValueError(f"run_estimator: unknown inputs {sorted(unknown)}")
+    required, takes_all = estimator_parameters(name)
+    fn = get_adv_estimator_fn(name)
+    names = set(inspect.signature(fn).parameters)
+    given = {k: v for k, v in inputs.items() if takes_all or k in names}
+    missing = required - set(given)
+    if missing:
+        raise MissingValuesError(f"adv_estimator '{name}' needs {sorted(missing)}; the critic is off or the "
+                                 "trainer did not compute them")
+    return fn(**given)
 
 
 def register_with_verl() -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "CallableEncoder",
     "PolicyHiddenEncoder",
     "build_text_encoder",
+    "check_backbone",
     "ENCODER_NAMES",
 ]
 
@@ -355,6 +356,14 @@ class PolicyHiddenEncoder(CallableEncoder):
 
 
 # ------------------------------------------------------------------------------------------------- factory
+def check_backbone(backbone: str, grid_features: bool) -> None:
+    """``archer.critic.backbone`` / ``archer.critic.grid_features`` as a pair (the config check and the factory)."""
+    if str(backbone).strip().lower() not in ENCODER_NAMES:
+        raise ValueError(f"unknown archer.critic.backbone {backbone!r}; expected one of {list(ENCODER_NAMES)}")
+    if grid_features and str(backbone).strip().lower() != "hashing":
+        raise ValueError(f"archer.critic.grid_features=true needs archer.critic.backbone=hashing; got {backbone!r}")
+
+
 def build_text_encoder(name: str, device: str | torch.device = "cpu", workers: Any = None,
                        dim: int | None = None, grid_features: bool = False, **kwargs: Any) -> TextEncoder:
     """``archer.critic.backbone`` -> encoder.
@@ -363,17 +372,13 @@ def build_text_encoder(name: str, device: str | torch.device = "cpu", workers: A
     None, inferred from the policy for ``policy``.  ``grid_features`` (``archer.critic.grid_features``) exists
     for ``hashing`` only.  Extra keyword arguments go to the encoder's constructor.
     """
+    check_backbone(name, grid_features)
     key = str(name).strip().lower()
-    if grid_features and key != "hashing":
-        raise ValueError(f"archer.critic.grid_features=true needs archer.critic.backbone=hashing, got {name!r}")
     if key == "hashing":
         return HashingEncoder(dim=512 if dim is None else dim, device=device, grid_features=grid_features,
                               **kwargs)
     if key == "minilm":
         return MiniLMEncoder(device=device, **kwargs)
-    if key == "policy":
-        if workers is None:
-            raise ValueError("archer.critic.backbone=policy needs the workers (policy hidden states); "
-                             "none were given")
-        return PolicyHiddenEncoder(workers, dim=dim, device=device, **kwargs)
-    raise ValueError(f"unknown archer.critic.backbone {name!r}; expected one of {list(ENCODER_NAMES)}")
+    if workers is None:
+        raise ValueError("archer.critic.backbone=policy needs the workers (policy hidden states); none were given")
+    return PolicyHiddenEncoder(workers, dim=dim, device=device, **kwargs)

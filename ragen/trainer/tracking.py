@@ -1,10 +1,20 @@
-"""Metric sinks: console, tensorboard and a JSON-lines file, behind one ``log(metrics, step)`` call."""
+"""Metric sinks: veRL's ``Tracking`` (tensorboard, wandb, mlflow, swanlab, ...) behind one ``log`` call, plus
+a compact console line and an append-only ``metrics.jsonl``.
+
+Two things are ours rather than veRL's, on purpose:
+
+* ``metrics.jsonl`` is written here, appending: veRL's ``file`` backend opens its file with ``"wb"``
+  (``verl/utils/tracking.py``, ``FileLogger.__init__``), which would erase the history of a run that resumes.
+* ``console`` prints one short line of the key metrics: veRL's console backend prints every metric of a step
+  (~80 here), which buries the progress bar.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 CONSOLE_KEYS = (
     "train/env/all/success_rate",
@@ -17,42 +27,60 @@ CONSOLE_KEYS = (
 )
 
 
-class Tracker:
-    """Writes every metric dict to the sinks named in ``trainer.logger`` (console, tensorboard) and always to
-    ``<log_dir>/metrics.jsonl`` (one JSON object per call, with ``step``)."""
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of the block (veRL's backends read their paths there)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
-    def __init__(self, log_dir: str, loggers: Iterable[str], console: Optional[Any] = None):
+
+class Tracker:
+    """Writes every metric dict to ``<log_dir>/metrics.jsonl`` (one JSON object per call, with ``step``) and to
+    the backends named in ``trainer.logger``; tensorboard events go to ``<log_dir>/tensorboard``."""
+
+    def __init__(self, log_dir: str, backends: Iterable[str], project: str = "ragen_archer",
+                 experiment: str = "run", config: Any = None, console: Optional[Callable[[str], None]] = None):
+        from verl.utils.tracking import Tracking
+
         self.log_dir = log_dir
         os.makedirs(log_dir, exist_ok=True)
-        self.loggers = set(loggers or [])
-        unknown = self.loggers - {"console", "tensorboard"}
+        backends = list(backends or [])
+        unknown = sorted(set(backends) - set(Tracking.supported_backend))
         if unknown:
-            raise ValueError(f"trainer.logger: unknown sink(s) {sorted(unknown)}; allowed: console, tensorboard")
-        self.console = console or print
+            raise ValueError(f"trainer.logger: unknown backend(s) {unknown}; allowed: "
+                             f"{', '.join(Tracking.supported_backend)}")
+        self.console = (console or print) if "console" in backends else None
         self.jsonl_path = os.path.join(log_dir, "metrics.jsonl")
-        self._writer = None
-        if "tensorboard" in self.loggers:
-            from torch.utils.tensorboard import SummaryWriter
+        others = [b for b in backends if b not in ("console", "file")]
+        self._tracking = None
+        if others:
+            with _env(TENSORBOARD_DIR=os.path.join(log_dir, "tensorboard")):
+                self._tracking = Tracking(project, experiment, default_backend=others, config=config)
 
-            self._writer = SummaryWriter(os.path.join(log_dir, "tensorboard"))
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and math.isfinite(float(v))}
         with open(self.jsonl_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"step": step, **clean}, sort_keys=True) + "\n")
-        if self._writer is not None:
-            for key, value in clean.items():
-                self._writer.add_scalar(key, value, step)
-            self._writer.flush()
-        if "console" in self.loggers:
+        if self._tracking is not None:
+            self._tracking.log(clean, step)
+        if self.console is not None:
             shown = [f"{k.split('/', 1)[-1] if k.startswith('train/') else k}={clean[k]:.4g}"
                      for k in CONSOLE_KEYS if k in clean]
             if shown:
                 self.console(f"[step {step}] " + "  ".join(shown))
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        if self._tracking is not None:
+            self._tracking.finish()
 
 
 def read_metrics(path: str) -> list[dict[str, float]]:
