@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 import ragen  # noqa: F401  (registers archer / bi_level_gae with veRL)
 from ragen.trainer.agent_trainer import AgentTrainer
-from ragen.trainer.config_checks import ConfigError
+from ragen.config import ConfigError
 
 
 @hydra.main(config_path="config", config_name="base", version_base=None)

@@ -13,7 +13,7 @@ the composed ``DictConfig`` (``cfg.actor_rollout_ref.actor.optim.lr``), so code 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import II, DictConfig, OmegaConf
@@ -286,12 +286,20 @@ class EnvSpec:
 
 
 def _default_envs() -> Dict[str, EnvSpec]:
+    """The env tags of config/base.yaml; env_config values are the env config classes' defaults (spelled out in
+    the yaml so that a command line can override them without a '+')."""
+    from ragen.env import BanditConfig, FrozenLakeConfig, SokobanConfig
+
+    def plain(config: Any, **changes: Any) -> Dict[str, Any]:
+        values = {**asdict(config), **changes}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
     return {
-        "Bandit": EnvSpec("bandit", 1),
-        "FrozenLake": EnvSpec("frozenlake", 10),
-        "SimpleSokoban": EnvSpec("sokoban", 10),
-        "LargerSokoban": EnvSpec("sokoban", 20, env_config={"dim_room": [8, 8], "num_boxes": 2,
-                                                             "search_depth": 60}),
+        "Bandit": EnvSpec("bandit", 1, env_config=plain(BanditConfig())),
+        "FrozenLake": EnvSpec("frozenlake", 10, env_config=plain(FrozenLakeConfig())),
+        "SimpleSokoban": EnvSpec("sokoban", 10, env_config=plain(SokobanConfig())),
+        "LargerSokoban": EnvSpec("sokoban", 20, env_config=plain(SokobanConfig(), dim_room=[8, 8], num_boxes=2,
+                                                                 search_depth=60)),
     }
 
 

@@ -119,10 +119,12 @@ def test_protocol_and_config_validation(workers):
         LocalWorkers(make_config(actor_rollout_ref={"actor": {"policy_loss": "nope"}}))
     with pytest.raises(ValueError, match="trainer.precision"):
         LocalWorkers(make_config(trainer={"precision": "fp16"}))
-    from ragen.workers.local import native_bf16
+    from ragen.workers.local import measure_precision
 
+    # auto = the faster of bf16 and fp32 measured on this machine (a CPU flag does not tell)
     auto = LocalWorkers(make_config(trainer={"precision": "auto"}))
-    assert auto.precision == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
+    intermediate = auto.actor.config.intermediate_size
+    assert auto.precision == measure_precision(torch.device("cpu"), auto.hidden_size, intermediate)
 
 
 def test_generate_shapes_eos_mask_and_reproducible(workers):

@@ -134,7 +134,9 @@ class AgentProxy:
         base = getattr(self.config.seed, mode)
         return (base * 1_000_003 + int(step) * (self.max_turn + 1) + turn) % (2 ** 31 - 1)
 
-    def _generate(self, prompts: list[list[int]], mode: str, step: int, turn: int) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], mode: str, step: int, turn: int) -> list[list[int]]:
+        """One ``workers.generate`` call for the token prompts, with ``mode``'s sampling settings and a seed
+        made of (mode, step, turn); returns each reply's ids (the end-of-turn id included when emitted)."""
         input_ids, attention_mask = left_pad(prompts, self.ctx.pad_id)
         meta = self.generation_kwargs(mode)
         meta.update(seed=self._generation_seed(mode, step, turn), eos_token_id=self.ctx.eot_id,
@@ -209,7 +211,7 @@ class AgentProxy:
             if not active:
                 break
             t0 = time.perf_counter()
-            generated = self._generate([dialogues[i].input_ids for i in active], mode, step, turn)
+            generated = self.generate([dialogues[i].input_ids for i in active], mode, step, turn)
             gen_time += time.perf_counter() - t0
             gen_calls += 1
             for i, gen_ids in zip(active, generated):

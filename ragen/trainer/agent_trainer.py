@@ -2,19 +2,23 @@
 
 One training step (``AgentTrainer.train_step``):
 
-1. rollout   ``AgentProxy.rollout("train")`` -> token batch (``docs/design.md``)
-2. score     old log-probs, reference log-probs (KL), token values (critic on)
-3. estimate  ``algorithm.adv_estimator``: gae / grpo from veRL, bi_level_gae / archer from
-             :mod:`ragen.trainer.core_algos`, called with the values (veRL does not pass them);
-             for ``archer`` with ``archer.critic.type=utterance`` the replay buffer gets the new turns, the
-             utterance critic takes ``archer.critic.updates`` TD steps and supplies ``turn_q`` / ``turn_v``
-4. update    token critic; actor (after ``archer.warmup_iters`` iterations for archer)
-5. record    metrics (console, tensorboard, ``metrics.jsonl``), validation, checkpoints
+1. rollout   ``AgentProxy.rollout("train")`` -> token batch (``docs/algorithm.md``)
+2. score     old log-probs (unless one optimizer step on fresh data makes the ratio 1), reference
+             log-probs (KL on), token values (token critic on)
+3. estimate  ``algorithm.adv_estimator`` from veRL's estimator registry (gae / grpo from veRL, bi_level_gae /
+             archer from :mod:`ragen.trainer.core_algos`, or any estimator a user registered), called with the
+             critic's values, which veRL's own ``compute_advantage`` does not pass; for ``archer`` with the
+             utterance critic, the replay buffer gets the new turns, the critic takes ``archer.critic.updates``
+             TD steps (V targets from the current policy) and supplies ``turn_q`` / ``turn_v``
+4. update    token critic; actor on the rollout, or (``archer.actor.data=replay``) on replay states with fresh
+             replies, after ``archer.warmup_iters`` iterations for archer
+5. record    metrics (veRL tracking backends, ``metrics.jsonl``), validation, checkpoints
 
 The workers (``ragen.workers``) are the only backend-specific part.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -23,77 +27,58 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
-
-from ragen.trainer.config_checks import check_backend_available, token_critic_enabled, validate_config
-from ragen.trainer.core_algos import (
-    compute_archer_advantage_return,
-    compute_bi_level_gae_advantage_return,
-    segment_turns,
-)
-from ragen.trainer.tracking import Tracker
 from verl import DataProto
+from verl.utils.torch_functional import masked_whiten
+
+from ragen.config import RunConfig, load_config, resolve_device, to_dictconfig
+from ragen.llm_agent.agent_proxy import AgentProxy, build_batch
+from ragen.llm_agent.ctx_manager import Dialogue
+from ragen.models import load_tokenizer
+from ragen.trainer.core_algos import register_with_verl, run_estimator, segment_turns
+from ragen.trainer.replay_buffer import Transition
+from ragen.trainer.tracking import Tracker
+from ragen.workers import build_workers, check_backend
+
+logger = logging.getLogger(__name__)
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
-
-
-def build_workers(config: DictConfig, critic_enabled: bool):
-    """The backend named by ``trainer.backend``."""
-    backend = config.trainer.backend
-    if backend == "local":
-        from ragen.workers.local import LocalWorkers
-
-        return LocalWorkers(config, critic_enabled=critic_enabled)
-    from ragen.workers.verl_backend import VerlWorkers
-
-    return VerlWorkers(config, critic_enabled=critic_enabled)
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero-mean, unit-variance over the masked entries; 0 off the mask."""
-    weight = mask.to(x.dtype)
-    count = weight.sum().clamp(min=1.0)
-    mean = (x * weight).sum() / count
-    var = (((x - mean) * weight) ** 2).sum() / count
-    return (x - mean) * torch.rsqrt(var + eps) * weight
 
 
 class AgentTrainer:
     """Trains a multi-turn LLM agent.  ``AgentTrainer(config).fit()`` runs the whole job."""
 
-    def __init__(self, config: DictConfig, workers: Any = None, console: Optional[Callable[[str], None]] = None):
-        if not isinstance(config, DictConfig):
-            config = OmegaConf.create(config)
-        validate_config(config)  # before any model is loaded
-        check_backend_available(config)
-        self.config = config
-        self.estimator = config.algorithm.adv_estimator
-        self.critic_enabled = token_critic_enabled(config)
+    def __init__(self, config: Any, workers: Any = None, console: Optional[Callable[[str], None]] = None):
+        self.config = cfg = load_config(config)  # every config error, before any model is loaded
+        check_backend(cfg)
+        register_with_verl()
+        self.estimator = cfg.algorithm.adv_estimator
+        self.critic_enabled = cfg.token_critic_enabled
         self.console = console or tqdm.write
-        self._seed_everything(int(OmegaConf.select(config, "seed.train", default=0)))
+        self._seed_everything(cfg.seed.train)
 
-        self.workers = workers if workers is not None else build_workers(config, self.critic_enabled)
-        from ragen.llm_agent.agent_proxy import AgentProxy
+        tokenizer = workers.tokenizer if workers is not None else load_tokenizer(cfg.actor_rollout_ref.model.path)
+        self.proxy = AgentProxy(cfg, workers, tokenizer)
+        for mode in ("train", "val"):  # env config errors, before any model is loaded
+            self.proxy.env_manager(mode)
+        self.workers = workers if workers is not None else build_workers(cfg)
+        self.proxy.workers = self.workers
 
-        self.proxy = AgentProxy(config, self.workers)
         self.utterance_critic = None
-        if self.estimator == "archer" and config.archer.critic.type == "utterance":
+        if cfg.utterance_critic_enabled:
             from ragen.trainer.archer_critic import ArcherCritic
 
-            device = "cuda" if self._device_is_cuda() else "cpu"
-            self.utterance_critic = ArcherCritic.from_config(config, device=device, workers=self.workers)
+            self.utterance_critic = ArcherCritic.from_config(cfg, device=resolve_device(cfg.trainer.device),
+                                                             workers=self.workers)
 
-        self.out_dir = str(config.trainer.default_local_dir)
-        self.tracker = Tracker(self.out_dir, config.trainer.logger, console=self.console)
+        self.out_dir = cfg.trainer.default_local_dir
+        self.tracker = Tracker(self.out_dir, cfg.trainer.logger, project=cfg.trainer.project_name,
+                               experiment=cfg.trainer.experiment_name,
+                               config=_plain_config(cfg), console=self.console)
         self.global_step = 0
         self.history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _device_is_cuda(self) -> bool:
-        device = self.config.trainer.device
-        return device == "cuda" or (device == "auto" and torch.cuda.is_available())
-
     @staticmethod
     def _seed_everything(seed: int) -> None:
         random.seed(seed)
@@ -102,10 +87,41 @@ class AgentTrainer:
 
     @property
     def needs_reference(self) -> bool:
-        return bool(self.config.actor_rollout_ref.actor.use_kl_loss) or bool(self.config.algorithm.use_kl_in_reward)
+        return self.config.reference_enabled
+
+    def needs_old_log_probs(self, rows: int) -> bool:
+        """False when the actor update is one optimizer step on fresh data (ratio exactly 1) and no KL-in-reward
+        needs them; the workers then use the current policy as the ratio's denominator."""
+        actor = self.config.actor_rollout_ref.actor
+        one_step = actor.ppo_epochs == 1 and actor.ppo_mini_batch_size >= rows
+        return not one_step or self.config.algorithm.use_kl_in_reward
 
     def _actor_frozen(self, step: int) -> bool:
-        return self.estimator == "archer" and step < int(self.config.archer.warmup_iters)
+        return self.estimator == "archer" and step < self.config.archer.warmup_iters
+
+    def _score(self, batch: DataProto) -> DataProto:
+        """Old log-probs (when needed), reference log-probs (KL on)."""
+        if self.needs_old_log_probs(len(batch)):
+            batch = batch.union(self.workers.compute_log_probs(batch))
+        if self.needs_reference:
+            batch = batch.union(self.workers.compute_ref_log_probs(batch))
+        return batch
+
+    # ------------------------------------------------------------------------------------------ policy samples
+    def sample_replies(self, observations: list[str]) -> tuple[list[list[int]], list[list[int]], list[str]]:
+        """A fresh reply of the current policy (training temperature) to each dialogue state text.
+
+        The state is re-tokenized from its text (it ends with the assistant prompt, so the reply continues it).
+        Returns ``(prompt_ids, reply_ids, reply_texts)``; ``reply_ids`` end with the end-of-turn id.
+        """
+        ctx = self.proxy.ctx
+        prompts = [ctx.encode(text) for text in observations]
+        replies = self.proxy.generate(prompts, "train", self.global_step, turn=0)
+        texts = [ctx.decode(ids, skip_special_tokens=True) for ids in replies]
+        return prompts, replies, texts
+
+    def _policy_actions(self, observations: list[str]) -> list[str]:
+        return self.sample_replies(observations)[2]
 
     # ------------------------------------------------------------------------------------------ estimation
     def utterance_tables(self, batch: DataProto) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +132,8 @@ class AgentTrainer:
         for row, records in enumerate(batch.non_tensor_batch["turn_records"]):
             generated = [r for r in records if r.get("num_tokens", 1) > 0]  # an empty reply has no mask run
             if len(generated) != int(num_turns[row]):
-                raise RuntimeError(f"row {row}: {len(generated)} turn records but {int(num_turns[row])} turns in loss_mask")
+                raise RuntimeError(f"row {row}: {len(generated)} turn records but {int(num_turns[row])} turns in "
+                                   "loss_mask")
             for turn, record in enumerate(generated):
                 obs.append(record["obs"])
                 actions.append(record["action"])
@@ -125,52 +142,86 @@ class AgentTrainer:
         turn_v = torch.zeros(len(num_turns), width)
         if slots:
             q, v = self.utterance_critic.turn_values(obs, actions)
-            rows = torch.tensor([s[0] for s in slots])
-            cols = torch.tensor([s[1] for s in slots])
+            rows, cols = torch.tensor(slots).unbind(1)
             turn_q[rows, cols] = q.float().cpu()
             turn_v[rows, cols] = v.float().cpu()
         return turn_q, turn_v
 
     def compute_advantages(self, batch: DataProto) -> dict[str, float]:
         """Fill ``advantages`` and ``returns`` [B, T] with the configured estimator; returns metrics."""
-        cfg = self.config.algorithm
-        rewards = batch.batch["token_level_rewards"]
-        mask = batch.batch["loss_mask"]
+        algo = self.config.algorithm
+        rewards, mask = batch.batch["token_level_rewards"], batch.batch["loss_mask"]
+        inputs: dict[str, Any] = {
+            "token_level_rewards": rewards, "response_mask": mask, "index": batch.non_tensor_batch["uid"],
+            "gamma": algo.gamma, "lam": algo.lam, "norm_adv_by_std_in_grpo": algo.norm_adv_by_std_in_grpo,
+            "config": {"gamma": algo.gamma, "lam": algo.lam, "high_level_gamma": algo.high_level_gamma,
+                       "archer_alpha": self.config.archer.alpha,
+                       "norm_adv_by_std_in_grpo": algo.norm_adv_by_std_in_grpo},
+        }
+        if "values" in batch.batch.keys():
+            inputs["values"] = batch.batch["values"]
         metrics: dict[str, float] = {}
-        if self.estimator == "gae":
-            from verl.trainer.ppo.core_algos import compute_gae_advantage_return
-
-            adv, ret = compute_gae_advantage_return(rewards, batch.batch["values"], mask, cfg.gamma, cfg.lam)
-        elif self.estimator == "grpo":
-            from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
-
-            adv, ret = compute_grpo_outcome_advantage(rewards, mask, batch.non_tensor_batch["uid"],
-                                                      norm_adv_by_std_in_grpo=bool(cfg.norm_adv_by_std_in_grpo))
-        elif self.estimator == "bi_level_gae":
-            adv, ret = compute_bi_level_gae_advantage_return(rewards, batch.batch["values"], mask, cfg.gamma,
-                                                             cfg.lam, cfg.high_level_gamma)
-        else:
-            turn_q = turn_v = None
-            if self.utterance_critic is not None:
-                turn_q, turn_v = self.utterance_tables(batch)
-                _, num_turns = segment_turns(mask)
-                slot = torch.arange(turn_q.shape[1]) < num_turns[:, None]
-                if slot.any():
-                    metrics["utterance_critic/turn_q_mean"] = float(turn_q[slot].mean())
-                    metrics["utterance_critic/turn_adv_mean"] = float((turn_q - turn_v)[slot].mean())
-            values = batch.batch["values"] if "values" in batch.batch.keys() else torch.zeros_like(rewards)
-            adv, ret = compute_archer_advantage_return(rewards, values, mask, cfg.gamma, cfg.lam, cfg.high_level_gamma,
-                                                       self.config.archer.alpha, turn_q=turn_q, turn_v=turn_v)
+        if self.utterance_critic is not None:
+            turn_q, turn_v = self.utterance_tables(batch)
+            inputs.update(turn_q=turn_q, turn_v=turn_v)
+            inputs.setdefault("values", torch.zeros_like(rewards))  # alpha = 0: the token values are not used
+            _, num_turns = segment_turns(mask)
+            slot = torch.arange(turn_q.shape[1]) < num_turns[:, None]
+            if slot.any():
+                metrics["utterance_critic/turn_q_mean"] = float(turn_q[slot].mean())
+                metrics["utterance_critic/turn_adv_mean"] = float((turn_q - turn_v)[slot].mean())
+        adv, ret = run_estimator(self.estimator, **inputs)
         on = mask.bool()
         if on.any():
             metrics.update({"adv/mean": float(adv[on].mean()), "adv/std": float(adv[on].std(unbiased=False)),
                             "adv/max": float(adv[on].max()), "adv/min": float(adv[on].min()),
                             "returns/mean": float(ret[on].mean())})
-        if bool(cfg.whiten_advantages) and self.estimator != "grpo":
-            adv = masked_whiten(adv, mask)
+        if algo.whiten_advantages and self.estimator != "grpo" and int(on.sum()) > 1:
+            adv = masked_whiten(adv, mask) * mask
         batch.batch["advantages"] = adv
         batch.batch["returns"] = ret
         return metrics
+
+    def update_utterance_critic(self, batch: DataProto) -> dict[str, float]:
+        """New turns into the replay buffer, then ``archer.critic.updates`` TD steps."""
+        critic, settings = self.utterance_critic, self.config.archer.critic
+        records = [r for rows in batch.non_tensor_batch["turn_records"] for r in rows]
+        critic.add(records)
+        sampler = self._policy_actions if settings.v_target == "policy" else None
+        metrics = critic.update(settings.updates, policy_action_fn=sampler, fresh=len(records),
+                                max_policy_samples=settings.policy_samples)
+        return {f"utterance_{k}" if k.startswith("critic/") else k: v for k, v in metrics.items()}
+
+    # ------------------------------------------------------------------------------------------ actor
+    def replay_actor_batch(self) -> tuple[DataProto, dict[str, float]]:
+        """The authors' off-policy actor batch: replay states, a fresh reply of the current policy to each, and
+        the utterance critic's pessimistic advantage of that reply on all of its tokens."""
+        size = self.config.archer.actor.replay_batch_size
+        states = [t.obs for t in self.utterance_critic.buffer.sample(size)]
+        prompts, replies, texts = self.sample_replies(states)
+        q, v = self.utterance_critic.turn_values(states, texts)
+        advantage = (q - v).tolist()
+        ctx = self.proxy.ctx
+        dialogues = []
+        for prompt in prompts:
+            dlg = Dialogue(input_ids=list(prompt), loss_mask=[0] * len(prompt))
+            dialogues.append(dlg)
+        for dlg, reply in zip(dialogues, replies):
+            ctx.append_response(dlg, reply)
+        tensors = build_batch(dialogues, [[0.0]] * len(dialogues), ctx.pad_id, use_turn_scores=True)
+        tensors["advantages"] = tensors["loss_mask"] * torch.tensor(advantage).view(-1, 1)
+        batch = DataProto.from_dict(tensors=tensors)
+        return batch, {"actor/replay_adv_mean": float(np.mean(advantage)), "actor/replay_states": float(size)}
+
+    def update_actor(self, batch: DataProto) -> dict[str, float]:
+        temperature = self.config.actor_rollout_ref.rollout.temperature
+        if self.config.archer.actor.data == "replay":
+            batch, metrics = self.replay_actor_batch()
+            batch.meta_info["temperature"] = temperature
+            batch = self._score(batch)
+            metrics.update(self.workers.update_actor(batch))
+            return metrics
+        return self.workers.update_actor(batch)
 
     # ------------------------------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, float]:
@@ -179,28 +230,23 @@ class AgentTrainer:
         batch = self.proxy.rollout("train", step)
         metrics = {f"train/{k}": v for k, v in batch.meta_info.pop("metrics", {}).items()}
         timings["rollout"] = time.perf_counter() - start
-        batch.meta_info["temperature"] = float(self.config.actor_rollout_ref.rollout.temperature)
+        batch.meta_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
 
         tick = time.perf_counter()
-        batch = batch.union(self.workers.compute_log_probs(batch))
-        if self.needs_reference:
-            batch = batch.union(self.workers.compute_ref_log_probs(batch))
+        batch = self._score(batch)
         if self.critic_enabled:
             batch = batch.union(self.workers.compute_values(batch))
         timings["score"] = time.perf_counter() - tick
 
-        if bool(self.config.algorithm.use_kl_in_reward):
+        if self.config.algorithm.use_kl_in_reward:
             kl = (batch.batch["old_log_probs"] - batch.batch["ref_log_prob"]) * batch.batch["loss_mask"]
-            batch.batch["token_level_rewards"] = batch.batch["token_level_rewards"] - float(
-                self.config.algorithm.kl_ctrl.kl_coef) * kl
+            batch.batch["token_level_rewards"] = (batch.batch["token_level_rewards"]
+                                                  - self.config.algorithm.kl_ctrl.kl_coef * kl)
             metrics["actor/reward_kl"] = float(kl.sum() / batch.batch["loss_mask"].sum().clamp(min=1))
 
         tick = time.perf_counter()
         if self.utterance_critic is not None:
-            records = [r for rows in batch.non_tensor_batch["turn_records"] for r in rows]
-            self.utterance_critic.add(records)
-            critic_metrics = self.utterance_critic.update(int(self.config.archer.critic.updates))
-            metrics.update({f"utterance_{k}" if k.startswith("critic/") else k: v for k, v in critic_metrics.items()})
+            metrics.update(self.update_utterance_critic(batch))
         metrics.update(self.compute_advantages(batch))
         timings["estimate"] = time.perf_counter() - tick
 
@@ -212,7 +258,7 @@ class AgentTrainer:
             metrics["actor/frozen_warmup"] = 1.0
         else:
             tick = time.perf_counter()
-            metrics.update(self.workers.update_actor(batch))
+            metrics.update(self.update_actor(batch))
             timings["update_actor"] = time.perf_counter() - tick
 
         timings["step"] = time.perf_counter() - start
@@ -227,22 +273,23 @@ class AgentTrainer:
         """Supervised format warm-up (``format_warmup.steps``) before RL, through the worker protocol.
 
         Each step takes the train envs' first prompts answered with a well-formed reply naming a uniformly
-        random valid action and runs ``update_actor`` with advantage 1 on the reply tokens: with fresh
-        old log-probs the PPO ratio starts at 1, so this is the log-likelihood gradient (clipped like PPO).
-        It teaches the answer format and the action names — the action is random, so not the task.
+        random valid action and runs ``update_actor`` with advantage 1 on the reply tokens: with the current
+        policy as the ratio's denominator this is the log-likelihood gradient (clipped like PPO).  It teaches
+        the answer format and the action names — the action is random, so not the task.
         """
-        steps = int(OmegaConf.select(self.config, "format_warmup.steps", default=0) or 0)
+        steps = self.config.format_warmup.steps
         logged = []
         for step in tqdm(range(steps), desc="format warm-up", dynamic_ncols=True, disable=steps == 0):
             batch = self.proxy.format_warmup_batch(step)
-            batch.meta_info["temperature"] = float(self.config.actor_rollout_ref.rollout.temperature)
+            batch.meta_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
             batch = batch.union(self.workers.compute_log_probs(batch))
             if self.needs_reference:
                 batch = batch.union(self.workers.compute_ref_log_probs(batch))
             batch.batch["advantages"] = batch.batch["loss_mask"].clone()
             metrics = self.workers.update_actor(batch)
             nll = -(batch.batch["old_log_probs"] * batch.batch["loss_mask"]).sum() / batch.batch["loss_mask"].sum()
-            record = {"warmup/step": float(step), "warmup/nll": float(nll), **{f"warmup/{k}": v for k, v in metrics.items()}}
+            record = {"warmup/step": float(step), "warmup/nll": float(nll),
+                      **{f"warmup/{k}": v for k, v in metrics.items()}}
             self.tracker.log(record, -steps + step)
             logged.append(record)
         return logged
@@ -256,6 +303,8 @@ class AgentTrainer:
         return os.path.join(self.out_dir, f"global_step_{step}")
 
     def save_checkpoint(self) -> str:
+        """Workers, utterance critic (with its replay buffer) and RNG states of ``global_step``, written to a
+        temporary directory and renamed into place, so a crash never leaves a half-written checkpoint."""
         directory = self.checkpoint_dir(self.global_step)
         tmp = directory + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -293,37 +342,61 @@ class AgentTrainer:
 
     # ------------------------------------------------------------------------------------------ the loop
     def fit(self) -> list[dict[str, float]]:
-        """Train for ``trainer.total_training_steps`` steps; returns the logged metrics, one dict per step."""
+        """Train for ``trainer.total_training_steps`` steps; returns the logged metrics, one dict per step.
+
+        On an exception (Ctrl-C included) the steps finished since the last checkpoint are saved before the
+        exception propagates, so nothing trained is lost; ``trainer.resume_mode=auto`` continues from there.
+        """
         cfg = self.config.trainer
         if cfg.resume_mode == "auto":
             latest = self.latest_checkpoint()
             if latest is not None:
                 self.load_checkpoint(latest)
                 self.console(f"resumed from {latest} (step {self.global_step})")
-        total = int(cfg.total_training_steps)
         if self.global_step == 0:
             self.format_warmup()
-        if bool(cfg.val_before_train) and self.global_step == 0:
+        if cfg.val_before_train and self.global_step == 0:
             val = self.validate(0)
             self.tracker.log(val, 0)
             self.history.append({"step": 0, **val})
 
-        bar = tqdm(total=total, initial=self.global_step, desc=f"train {self.estimator}", dynamic_ncols=True)
+        saved = self.global_step
+        bar = tqdm(total=cfg.total_training_steps, initial=self.global_step, desc=f"train {self.estimator}",
+                   dynamic_ncols=True)
         try:
-            while self.global_step < total:
+            while self.global_step < cfg.total_training_steps:
                 metrics = self.train_step(self.global_step)
                 self.global_step += 1
-                last = self.global_step == total
-                if int(cfg.test_freq) > 0 and (self.global_step % int(cfg.test_freq) == 0 or last):
+                last = self.global_step == cfg.total_training_steps
+                if cfg.test_freq > 0 and (self.global_step % cfg.test_freq == 0 or last):
                     metrics.update(self.validate(self.global_step))
                 self.tracker.log(metrics, self.global_step)
                 self.history.append({"step": self.global_step, **metrics})
-                if int(cfg.save_freq) > 0 and (self.global_step % int(cfg.save_freq) == 0 or last):
+                if cfg.save_freq > 0 and (self.global_step % cfg.save_freq == 0 or last):
                     self.save_checkpoint()
+                    saved = self.global_step
                 bar.set_postfix(success=f"{metrics.get('train/env/all/success_rate', 0):.2f}",
                                 step_s=f"{metrics.get('timing/step_s', 0):.0f}")
                 bar.update(1)
+        except BaseException:
+            if self.global_step > saved and cfg.save_freq > 0:
+                self._save_after_failure()
+            raise
         finally:
             bar.close()
             self.tracker.close()
         return self.history
+
+    def _save_after_failure(self) -> None:
+        try:
+            directory = self.save_checkpoint()
+            self.console(f"saved step {self.global_step} to {directory} before stopping")
+        except Exception:  # the failure may have left the workers unusable; the original error matters more
+            logger.exception("could not save a checkpoint after the failure")
+
+
+def _plain_config(cfg: RunConfig) -> dict[str, Any]:
+    """The run configuration as plain containers (what the tracking backends record)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(to_dictconfig(cfg), resolve=True)

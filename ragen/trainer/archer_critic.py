@@ -20,6 +20,7 @@ import math
 import numbers
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -258,19 +259,29 @@ class ArcherCritic:
             torch.set_num_threads(before)
 
     def _loss_fn(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Elementwise regression loss [N] (MSE or Huber with delta 1)."""
         if self.loss == "huber":
-            return F.huber_loss(pred, target, delta=1.0)
-        return F.mse_loss(pred, target)
+            return F.huber_loss(pred, target, delta=1.0, reduction="none")
+        return F.mse_loss(pred, target, reduction="none")
 
     # ------------------------------------------------------------------------------------------- training
     def update(self, num_steps: int | None = None,
-               policy_action_fn: Callable[[list[str]], Sequence[str]] | None = None) -> dict[str, float]:
-        """``num_steps`` (default ``archer.critic.updates``) TD steps, each on a uniform minibatch.
+               policy_action_fn: Callable[[list[str]], Sequence[str]] | None = None, fresh: int = 0,
+               max_policy_samples: int | None = None) -> dict[str, float]:
+        """``num_steps`` (default ``archer.critic.updates``) TD steps, each on a uniform minibatch of the buffer.
 
-        ``policy_action_fn(obs_list) -> action_list`` resamples a' for the V targets from the current policy
-        (it receives the full, unclipped observation texts); by default a' is the logged action.
+        a' of the V target ``y_V = Q̄(s, a')``:
+
+        * ``policy_action_fn is None``: the logged action (SARSA on the replay mixture);
+        * else a reply of the current policy: for the ``fresh`` newest transitions (this iteration's rollout,
+          sampled by the current policy) the logged action is one; every older transition drawn in this
+          call's minibatches gets its own reply from ``policy_action_fn(obs_list) -> action_list`` (one
+          batched call on the full unclipped texts), at most ``max_policy_samples`` of them (a random subset);
+          a drawn transition without a reply is left out of the V loss (the Q loss uses every transition).
+
         Returns averages over the steps of critic/loss, critic/q_mean, critic/v_mean, critic/td_error
-        (mean |y_Q − Q| over both critics), plus critic/buffer_size and critic/steps.
+        (mean |y_Q − Q| over both critics), plus critic/buffer_size, critic/steps and, with a policy,
+        critic/policy_samples.
         """
         if num_steps is None:
             num_steps = self.updates
@@ -282,36 +293,36 @@ class ArcherCritic:
             return metrics
         if len(self.buffer) == 0:
             raise ValueError("ArcherCritic.update: the replay buffer is empty; add transitions first")
+        n = self.batch_size
+        drawn = [self.buffer.sample_indices(n) for _ in range(num_steps)]
+        policy_actions = self._policy_actions(drawn, policy_action_fn, fresh, max_policy_samples)
+        if policy_action_fn is not None:  # replies sampled for older states
+            newest = len(self.buffer) - fresh
+            metrics["critic/policy_samples"] = float(sum(a is not None and i < newest for indices, acts in
+                                                         zip(drawn, policy_actions) for i, a in zip(indices, acts)))
+
         self.heads.train()
         sums = torch.zeros(4, device=self.device)
-        n = self.batch_size
-        for _ in range(num_steps):
-            batch = self.buffer.sample(n)
+        for indices, step_actions in zip(drawn, policy_actions):
+            batch = [self.buffer[i] for i in indices]
             obs = [self.clip_obs(t.obs) for t in batch]
             acts = [t.action for t in batch]
             # s' of a terminal transition is never bootstrapped: do not encode it (it is often "")
             live = [i for i, t in enumerate(batch) if not t.done]
             next_obs = [self.clip_obs(batch[i].next_obs) for i in live]
-            if policy_action_fn is None:
-                new_acts: list[str] = []
-            else:
-                new_acts = list(policy_action_fn([t.obs for t in batch]))
-                if len(new_acts) != n or not all(isinstance(a, str) for a in new_acts):
-                    raise ValueError(f"policy_action_fn must return {n} strings, one per observation")
+            new_acts = [a if a is not None else "" for a in step_actions]
             emb = self._embed(obs + acts + next_obs + new_acts)
             m = len(live)
             e_obs, e_act = emb[:n], emb[n:2 * n]
-            e_new = emb[2 * n + m:] if new_acts else e_act
-            if m == n:
-                e_next = emb[2 * n:3 * n]
-            else:
-                e_next = torch.zeros_like(e_obs)
-                if m:
-                    e_next[torch.tensor(live, device=self.device)] = emb[2 * n:2 * n + m]
+            e_new = emb[2 * n + m:]
+            e_next = torch.zeros_like(e_obs)
+            if m:
+                e_next[torch.tensor(live, device=self.device)] = emb[2 * n:2 * n + m]
+            v_mask = torch.tensor([a is not None for a in step_actions], dtype=torch.float32, device=self.device)
             rewards = torch.tensor([t.reward for t in batch], dtype=torch.float32, device=self.device)
             dones = torch.tensor([t.done for t in batch], dtype=torch.float32, device=self.device)
             with self._threads():
-                sums += self._step(e_obs, e_act, e_next, e_new, rewards, dones)
+                sums += self._step(e_obs, e_act, e_next, e_new, rewards, dones, v_mask)
         avg = (sums / num_steps).tolist()
         if not math.isfinite(avg[0]):
             raise FloatingPointError(f"ArcherCritic.update: non-finite critic loss {avg[0]}")
@@ -319,8 +330,30 @@ class ArcherCritic:
                         "critic/td_error": avg[3]})
         return metrics
 
-    def _step(self, e_obs, e_act, e_next, e_new, rewards, dones) -> torch.Tensor:
-        """One gradient step of both critics on embedded data; returns [loss, q_mean, v_mean, td_error]."""
+    def _policy_actions(self, drawn: list[list[int]], policy_action_fn, fresh: int,
+                        max_policy_samples: int | None) -> list[list[str | None]]:
+        """a' for each drawn transition (aligned with ``drawn``; None: no a', see :meth:`update`)."""
+        if policy_action_fn is None:
+            return [[self.buffer[i].action for i in indices] for indices in drawn]
+        newest = len(self.buffer) - max(0, min(int(fresh), len(self.buffer)))
+        actions: list[list[str | None]] = [[self.buffer[i].action if i >= newest else None for i in indices]
+                                           for indices in drawn]
+        older = [(step, pos) for step, indices in enumerate(drawn) for pos, i in enumerate(indices) if i < newest]
+        if max_policy_samples is not None and len(older) > max_policy_samples:
+            rng = np.random.default_rng(self.seed * 7919 + self.num_updates)
+            keep = np.sort(rng.choice(len(older), size=max_policy_samples, replace=False))
+            older = [older[k] for k in keep]
+        if older:
+            replies = list(policy_action_fn([self.buffer[drawn[step][pos]].obs for step, pos in older]))
+            if len(replies) != len(older) or not all(isinstance(a, str) for a in replies):
+                raise ValueError(f"policy_action_fn must return {len(older)} strings, one per observation")
+            for (step, pos), reply in zip(older, replies):
+                actions[step][pos] = reply
+        return actions
+
+    def _step(self, e_obs, e_act, e_next, e_new, rewards, dones, v_mask) -> torch.Tensor:
+        """One gradient step of both critics on embedded data; ``v_mask`` [N] selects the transitions whose a'
+        is known (the V loss averages over them).  Returns [loss, q_mean, v_mean, td_error]."""
         with torch.no_grad():
             tv1, tv2 = self.target.v(e_next)
             tq1, tq2 = self.target.q(e_obs, e_new)
@@ -329,8 +362,9 @@ class ArcherCritic:
 
         q1, q2 = self.heads.q(e_obs, e_act)
         v1, v2 = self.heads.v(e_obs)
-        loss = (self._loss_fn(q1, yq1) + self._loss_fn(q2, yq2)
-                + self._loss_fn(v1, tq1) + self._loss_fn(v2, tq2))
+        v_weight = v_mask / v_mask.sum().clamp(min=1.0)
+        loss = (self._loss_fn(q1, yq1).mean() + self._loss_fn(q2, yq2).mean()
+                + (self._loss_fn(v1, tq1) * v_weight).sum() + (self._loss_fn(v2, tq2) * v_weight).sum())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip > 0:

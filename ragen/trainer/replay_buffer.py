@@ -118,17 +118,17 @@ class ReplayBuffer:
         self._start = 0
 
     # ----------------------------------------------------------------------------------------------- sampling
-    def sample(self, n: int) -> list[Transition]:
-        """``n`` transitions drawn uniformly with replacement."""
+    def sample_indices(self, n: int) -> list[int]:
+        """``n`` logical indices (0 = oldest) drawn uniformly with replacement."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"sample size must be a non-negative int, got {n!r}")
-        size = len(self._items)
-        if size == 0:
+        if not self._items:
             raise ValueError("cannot sample from an empty replay buffer: add transitions first")
-        idx = self._rng.integers(0, size, size=int(n))
-        # physical position of logical index i is (start + i) % size; a uniform draw over physical slots is
-        # the same distribution, but mapping keeps "index i = i-th oldest" meaningful for reproducibility.
-        return [self._items[(self._start + int(i)) % size] for i in idx]
+        return self._rng.integers(0, len(self._items), size=int(n)).tolist()
+
+    def sample(self, n: int) -> list[Transition]:
+        """``n`` transitions drawn uniformly with replacement."""
+        return [self[i] for i in self.sample_indices(n)]
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

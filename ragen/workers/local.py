@@ -1,10 +1,11 @@
 """In-process workers: HF transformers on the CPU or one CUDA device.
 
-Implements :class:`ragen.workers.protocol.Workers`.  Layouts follow ``docs/design.md``: every ``[B, T]``
-output is aligned with ``input_ids`` (position ``p`` talks about token ``p``; 0 where there is no context).
-Losses come from veRL (``verl.trainer.ppo.core_algos``); micro-batch losses are normalised by the token /
-row count of their whole mini-batch (veRL's ``global_batch_info``), so gradient accumulation over
-micro-batches gives exactly the mini-batch loss.
+Implements :class:`ragen.workers.protocol.Workers`.  Every ``[B, T]`` output is aligned with ``input_ids``
+(position ``p`` talks about token ``p``; 0 where there is no context), see ``docs/algorithm.md``.  Losses come
+from veRL (``verl.trainer.ppo.core_algos``); micro-batch losses are normalised by the token / row count of
+their whole mini-batch (veRL's ``global_batch_info``), so accumulating gradients over micro-batches gives
+exactly the mini-batch loss.  Forward passes never compute on padding columns: rows are bucketed by length
+and each micro-batch is cut to the columns its rows use.
 """
 from __future__ import annotations
 
@@ -12,26 +13,22 @@ import contextlib
 import json
 import logging
 import os
-from typing import Any, Iterator
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from verl import DataProto
+from verl.utils.model import compute_position_id_with_mask
+from verl.utils.torch_functional import entropy_from_logits, get_response_mask, logprobs_from_logits
 
+from ragen.config import RunConfig, load_config, resolve_device
 from ragen.models import load_causal_lm, load_tokenizer, load_value_model
 from ragen.workers.protocol import Sampling
 
 logger = logging.getLogger(__name__)
 
-POLICY_LOSSES = ("ppo", "reinforce")
-LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 _STATE_FILE = "workers_state.json"
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(x, resolve=True)
-    return x
 
 
 def _split(idx: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -40,59 +37,99 @@ def _split(idx: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 def _shift_right(x: torch.Tensor) -> torch.Tensor:
     """[b, t-1] -> [b, t] with a zero column in front (position p gets the entry computed at p-1)."""
-    return torch.cat([x.new_zeros(x.shape[0], 1), x], dim=1)
+    return torch.nn.functional.pad(x, (1, 0))
 
 
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+def _used_columns(mask: torch.Tensor) -> tuple[int, int]:
+    """``[lo, hi)``: the columns where some row of ``mask`` [b, t] is 1 (at least one column)."""
+    cols = mask.bool().any(0).nonzero()
+    if cols.numel() == 0:
+        return 0, 1
+    return int(cols.min()), int(cols.max()) + 1
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively (CUDA with bf16, or a CPU with avx512_bf16 / AMX)."""
+def _by_length(mask: torch.Tensor) -> torch.Tensor:
+    """Row indices sorted by real length, so that a micro-batch holds rows of similar length."""
+    return torch.sort(mask.long().sum(-1), stable=True).indices
+
+
+def _temperature(data: DataProto) -> float:
+    t = float((data.meta_info or {}).get("temperature", 1.0) or 1.0)
+    return t if t > 0 else 1.0
+
+
+# ------------------------------------------------------------------------------------------------ precision
+_PRECISION_CACHE: dict[tuple, str] = {}
+
+
+def measure_precision(device: torch.device, hidden: int, intermediate: int, repeats: int = 3) -> str:
+    """``bf16`` if a bf16 (autocast) matmul on the model's MLP shape beats fp32 by >= 10 % here, else ``fp32``.
+
+    CPUs differ: one with avx512_bf16 but no AMX runs bf16 slower than fp32, one with AMX much faster; a flag
+    does not tell, a 0.1-second measurement does.  CUDA: bf16 when supported.
+    """
     if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(torch.cpu, name, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except Exception:  # private API: absent or failing on some builds
-            pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    key = (device.type, hidden, intermediate, torch.get_num_threads())
+    if key not in _PRECISION_CACHE:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(256, hidden, generator=gen)
+        b = torch.randn(hidden, intermediate, generator=gen)
+
+        def best(dtype: torch.dtype) -> float:
+            x, y = a.to(dtype), b.to(dtype)
+            times = []
+            for _ in range(repeats + 1):  # the first call warms up
+                start = time.perf_counter()
+                for _ in range(4):
+                    x @ y
+                times.append(time.perf_counter() - start)
+            return min(times[1:])
+
+        fp32, bf16 = best(torch.float32), best(torch.bfloat16)
+        _PRECISION_CACHE[key] = "bf16" if bf16 < fp32 / 1.1 else "fp32"
+        logger.info("precision auto: fp32 matmul %.2f ms, bf16 %.2f ms -> %s", 1e3 * fp32, 1e3 * bf16,
+                    _PRECISION_CACHE[key])
+    return _PRECISION_CACHE[key]
+
+
+# ------------------------------------------------------------------------------------------------ training loop
+@dataclass
+class _Trainable:
+    """A model with its optimizer and the settings of its update loop."""
+
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optim: torch.optim.Optimizer
+    mini_batch: int
+    micro_batch: int
+    epochs: int
+    grad_clip: float
+    name: str
+    updates: int = 0
 
 
 class LocalWorkers:
     """Actor (+ optional LoRA), optional frozen reference and optional token critic, all in this process."""
 
-    def __init__(self, config: Any, critic_enabled: bool = False):
-        if isinstance(config, dict):
-            config = OmegaConf.create(config)
-        self.config = config
-        self.critic_enabled = bool(critic_enabled)
-        self._read_config()
+    def __init__(self, config: RunConfig, critic_enabled: Optional[bool] = None):
+        self.config = cfg = load_config(config)
+        self.critic_enabled = cfg.token_critic_enabled if critic_enabled is None else bool(critic_enabled)
+        self.device = torch.device(resolve_device(cfg.trainer.device))
+        self.seed = cfg.seed.train
+        self.lora_rank = cfg.lora.rank
+        actor = cfg.actor_rollout_ref.actor
+        self.actor_path = cfg.actor_rollout_ref.model.path
 
         from verl.workers.config.actor import ActorConfig
 
-        self._loss_cfg = ActorConfig(
-            strategy="fsdp",
-            rollout_n=1,
-            ppo_mini_batch_size=self.actor_mini,
-            ppo_micro_batch_size_per_gpu=self.actor_micro,
-            ppo_epochs=self.actor_epochs,
-            clip_ratio=self.clip_low,
-            clip_ratio_low=self.clip_low,
-            clip_ratio_high=self.clip_high,
-            clip_ratio_c=self.clip_c,
-            loss_agg_mode=self.loss_agg_mode,
-            entropy_coeff=self.entropy_coeff,
-            use_kl_loss=self.use_kl_loss,
-            kl_loss_coef=self.kl_loss_coef,
-            kl_loss_type=self.kl_loss_type,
+        self._loss_cfg = ActorConfig(  # veRL's policy losses read their settings from this
+            strategy="fsdp", rollout_n=1, ppo_mini_batch_size=actor.ppo_mini_batch_size,
+            ppo_micro_batch_size_per_gpu=actor.ppo_micro_batch_size_per_gpu, ppo_epochs=actor.ppo_epochs,
+            clip_ratio=actor.clip_ratio_low, clip_ratio_low=actor.clip_ratio_low,
+            clip_ratio_high=actor.clip_ratio_high, clip_ratio_c=actor.clip_ratio_c,
+            loss_agg_mode=actor.loss_agg_mode, entropy_coeff=actor.entropy_coeff, use_kl_loss=actor.use_kl_loss,
+            kl_loss_coef=actor.kl_loss_coef, kl_loss_type=actor.kl_loss_type,
         )
 
         self.tokenizer = load_tokenizer(self.actor_path)
@@ -101,207 +138,65 @@ class LocalWorkers:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            self.actor = self._build_actor()
-            self.ref = self._build_ref()
-            self.critic = self._build_critic() if self.critic_enabled else None
+            actor_model = self._prepare(load_causal_lm(self.actor_path, dtype=torch.float32),
+                                        cfg.actor_rollout_ref.model.enable_gradient_checkpointing, "CAUSAL_LM")
+            # LoRA: the reference is the actor with its adapters disabled
+            self.ref = None
+            if cfg.reference_enabled and self.lora_rank == 0:
+                self.ref = load_causal_lm(self.actor_path, dtype=torch.float32).to(self.device).requires_grad_(False)
+            critic_model = None
+            if self.critic_enabled:
+                critic_model = self._prepare(load_value_model(cfg.critic.model.path, dtype=torch.float32),
+                                             cfg.actor_rollout_ref.model.enable_gradient_checkpointing, "TOKEN_CLS")
+        self.actor = actor_model
+        self.critic = critic_model
+        base_config = self._actor_base().config
+        self.hidden_size = int(base_config.hidden_size)
+        self.precision = cfg.trainer.precision
+        if self.precision == "auto":
+            self.precision = measure_precision(self.device, self.hidden_size,
+                                               int(getattr(base_config, "intermediate_size", 4 * self.hidden_size)))
 
-        self.hidden_size = int(self._actor_base().config.hidden_size)
-        self.actor_params = [p for p in self.actor.parameters() if p.requires_grad]
-        self.actor_optim = torch.optim.AdamW(
-            self.actor_params, lr=self.actor_lr, weight_decay=self.actor_wd, betas=self.actor_betas
-        )
-        self.critic_params: list[torch.nn.Parameter] = []
-        self.critic_optim = None
-        if self.critic is not None:
-            self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
-            self.critic_optim = torch.optim.AdamW(
-                self.critic_params, lr=self.critic_lr, weight_decay=self.critic_wd, betas=self.critic_betas
-            )
-        self._actor_updates = 0
-        self._critic_updates = 0
-
-    # ------------------------------------------------------------------------------------------ config
-    def _get(self, key: str, default: Any = None) -> Any:
-        v = OmegaConf.select(self.config, key, default=default)
-        return default if v is None else v
-
-    def _read_config(self) -> None:
-        g = self._get
-        model_path = g("model_path", "smollm2-135m")
-        self.actor_path = str(g("actor_rollout_ref.model.path", model_path))
-        self.critic_path = str(g("critic.model.path", model_path))
-        raw_seed = g("seed", 0)
-        self.seed = int(raw_seed) if isinstance(raw_seed, int) else int(g("seed.train", 0))
-
-        # device / precision
-        dev = str(g("trainer.device", "auto")).lower()
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-        if dev.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ValueError(f"trainer.device={dev!r} but CUDA is not available (use 'cpu' or 'auto')")
-        elif dev != "cpu":
-            raise ValueError(f"trainer.device must be auto, cpu or cuda[:N], got {dev!r}")
-        self.device = torch.device(dev)
-        precision = str(g("trainer.precision", "bf16")).lower()
-        if precision not in ("bf16", "fp32", "auto"):
-            raise ValueError(f"trainer.precision must be 'bf16', 'fp32' or 'auto', got {precision!r}")
-        native = native_bf16(self.device)
-        if precision == "auto":
-            precision = "bf16" if native else "fp32"
-        elif precision == "bf16" and not native:
-            logger.warning(
-                "trainer.precision=bf16 on a %s without native bf16 (no avx512_bf16/AMX): autocast emulates bf16 "
-                "and is ~2-4x SLOWER than fp32 here; use trainer.precision=fp32 or auto", self.device.type,
-            )
-        self.precision = precision  # effective precision
-
-        # batch sizes
-        micro_default = int(g("micro_batch_size_per_gpu", 8))
-        mini_default = int(g("ppo_mini_batch_size", 32))
-        self.actor_micro = int(g("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", micro_default))
-        self.actor_mini = int(g("actor_rollout_ref.actor.ppo_mini_batch_size", mini_default))
-        self.actor_epochs = int(g("actor_rollout_ref.actor.ppo_epochs", 1))
-        self.logprob_micro = int(g("actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu", micro_default))
-        self.ref_micro = int(g("actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu", micro_default))
-        self.gen_micro = int(g("actor_rollout_ref.rollout.gen_micro_batch_size", 32))
-        self.critic_micro = int(g("critic.ppo_micro_batch_size_per_gpu", micro_default))
-        self.critic_mini = int(g("critic.ppo_mini_batch_size", mini_default))
-        self.critic_epochs = int(g("critic.ppo_epochs", 1))
-        self.critic_fwd_micro = int(g("critic.forward_micro_batch_size_per_gpu", self.critic_micro))
-        for key, val in [
-            ("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu (micro_batch_size_per_gpu)", self.actor_micro),
-            ("actor_rollout_ref.actor.ppo_mini_batch_size (ppo_mini_batch_size)", self.actor_mini),
-            ("actor_rollout_ref.actor.ppo_epochs", self.actor_epochs),
-            ("actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu", self.logprob_micro),
-            ("actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu", self.ref_micro),
-            ("actor_rollout_ref.rollout.gen_micro_batch_size", self.gen_micro),
-            ("critic.ppo_micro_batch_size_per_gpu", self.critic_micro),
-            ("critic.ppo_mini_batch_size", self.critic_mini),
-            ("critic.ppo_epochs", self.critic_epochs),
-            ("critic.forward_micro_batch_size_per_gpu", self.critic_fwd_micro),
-        ]:
-            if val <= 0:
-                raise ValueError(f"{key} must be a positive integer, got {val}")
-        if self.actor_mini % self.actor_micro:
-            raise ValueError(
-                f"actor_rollout_ref.actor.ppo_mini_batch_size (ppo_mini_batch_size) = {self.actor_mini} must be a "
-                f"multiple of actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu (micro_batch_size_per_gpu) = "
-                f"{self.actor_micro}"
-            )
-        if self.critic_enabled and self.critic_mini % self.critic_micro:
-            raise ValueError(
-                f"critic.ppo_mini_batch_size = {self.critic_mini} must be a multiple of "
-                f"critic.ppo_micro_batch_size_per_gpu = {self.critic_micro}"
-            )
-
-        # LoRA
-        self.lora_rank = int(g("lora.rank", 0))
-        if self.lora_rank < 0:
-            raise ValueError(f"lora.rank must be >= 0 (0 = full fine-tune), got {self.lora_rank}")
-        self.lora_alpha = float(g("lora.alpha", 16))
-        self.lora_dropout = float(g("lora.dropout", 0.0))
-        self.lora_targets = _plain(g("lora.target_modules", "all-linear"))
-
-        # actor loss
-        pl = g("actor_rollout_ref.actor.policy_loss", "ppo")
-        if isinstance(pl, DictConfig):  # veRL-style {loss_mode: vanilla}
-            pl = pl.get("loss_mode", "vanilla")
-        pl = {"vanilla": "ppo"}.get(str(pl).lower(), str(pl).lower())
-        if pl not in POLICY_LOSSES:
-            raise ValueError(f"actor_rollout_ref.actor.policy_loss must be one of {POLICY_LOSSES}, got {pl!r}")
-        self.policy_loss = pl
-        self.clip_low = float(g("actor_rollout_ref.actor.clip_ratio_low", g("actor_rollout_ref.actor.clip_ratio", 0.2)))
-        self.clip_high = float(g("actor_rollout_ref.actor.clip_ratio_high", self.clip_low))
-        self.clip_c = float(g("actor_rollout_ref.actor.clip_ratio_c", 3.0))
-        self.loss_agg_mode = str(g("actor_rollout_ref.actor.loss_agg_mode", "token-mean"))
-        if self.loss_agg_mode not in LOSS_AGG_MODES:
-            raise ValueError(
-                f"actor_rollout_ref.actor.loss_agg_mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}"
-            )
-        self.critic_loss_agg_mode = str(g("critic.loss_agg_mode", self.loss_agg_mode))
-        if self.critic_loss_agg_mode not in LOSS_AGG_MODES:
-            raise ValueError(f"critic.loss_agg_mode must be one of {LOSS_AGG_MODES}, got {self.critic_loss_agg_mode!r}")
-        self.entropy_coeff = float(g("actor_rollout_ref.actor.entropy_coeff", 0.0))
-        self.use_kl_loss = bool(g("actor_rollout_ref.actor.use_kl_loss", False))
-        self.kl_loss_coef = float(g("actor_rollout_ref.actor.kl_loss_coef", 0.001))
-        self.kl_loss_type = str(g("actor_rollout_ref.actor.kl_loss_type", "low_var_kl"))
-        self.use_kl_in_reward = bool(g("algorithm.use_kl_in_reward", False))
-        self.need_ref = self.use_kl_loss or self.use_kl_in_reward
-        self.actor_grad_clip = float(g("actor_rollout_ref.actor.grad_clip", 1.0))
-        self.actor_lr = float(g("actor_rollout_ref.actor.optim.lr", 1e-6))
-        self.actor_wd = float(g("actor_rollout_ref.actor.optim.weight_decay", 0.0))
-        self.actor_betas = tuple(float(b) for b in _plain(g("actor_rollout_ref.actor.optim.betas", [0.9, 0.999])))
-        self.actor_grad_ckpt = bool(g("actor_rollout_ref.model.enable_gradient_checkpointing", True))
-
-        # critic
-        self.critic_lr = float(g("critic.optim.lr", 1e-5))
-        self.critic_wd = float(g("critic.optim.weight_decay", 0.0))
-        self.critic_betas = tuple(float(b) for b in _plain(g("critic.optim.betas", [0.9, 0.999])))
-        self.critic_grad_clip = float(g("critic.grad_clip", 1.0))
-        self.cliprange_value = float(g("critic.cliprange_value", 0.5))
-        self.critic_grad_ckpt = bool(g("critic.model.enable_gradient_checkpointing", self.actor_grad_ckpt))
-
-        # rollout defaults (meta_info overrides)
-        self.default_max_new_tokens = int(g("actor_rollout_ref.rollout.response_length", 64))
-        self.default_temperature = float(g("actor_rollout_ref.rollout.temperature", 1.0))
-        self.default_top_p = float(g("actor_rollout_ref.rollout.top_p", 1.0))
-        self.default_top_k = int(g("actor_rollout_ref.rollout.top_k", -1))
+        self._actor = self._trainable(actor_model, actor.optim.lr, actor.optim.weight_decay, actor.ppo_mini_batch_size,
+                                      actor.ppo_micro_batch_size_per_gpu, actor.ppo_epochs, actor.grad_clip, "actor")
+        self._critic = None
+        if critic_model is not None:
+            c = cfg.critic
+            self._critic = self._trainable(critic_model, c.optim.lr, c.optim.weight_decay, c.ppo_mini_batch_size,
+                                           c.ppo_micro_batch_size_per_gpu, c.ppo_epochs, c.grad_clip, "critic")
 
     # ------------------------------------------------------------------------------------------ models
-    def _lora_config(self, task_type: str):
-        from peft import LoraConfig
-
-        targets = self.lora_targets
-        if isinstance(targets, (list, tuple)):
-            targets = list(targets)
-        extra: dict[str, Any] = {}
-        if task_type == "TOKEN_CLS":  # the value head is trained in full, never wrapped by LoRA
-            extra = {"modules_to_save": ["score"], "exclude_modules": ["score"]}
-        return LoraConfig(
-            r=self.lora_rank,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            target_modules=targets,
-            bias="none",
-            task_type=task_type,
-            **extra,
-        )
-
-    @staticmethod
-    def _enable_ckpt(model) -> None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    def _trainable(self, model, grad_ckpt: bool, lora_task: str):
+    def _prepare(self, model: torch.nn.Module, grad_ckpt: bool, lora_task: str) -> torch.nn.Module:
         """Gradient checkpointing and LoRA (when configured), on the device, in eval mode until updated."""
         if grad_ckpt:
-            self._enable_ckpt(model)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.lora_rank > 0:
-            from peft import get_peft_model
+            from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, self._lora_config(lora_task))
-        model.to(self.device)
-        model.eval()
-        return model
+            lora = self.config.lora
+            targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+            # the value head trains in full, never wrapped by LoRA
+            extra = {"modules_to_save": ["score"], "exclude_modules": ["score"]} if lora_task == "TOKEN_CLS" else {}
+            model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=targets,
+                                                     lora_dropout=0.0, bias="none", task_type=lora_task, **extra))
+        return model.to(self.device).eval()
 
-    def _build_actor(self):
-        model = load_causal_lm(self.actor_path, dtype=torch.float32)
-        return self._trainable(model, self.actor_grad_ckpt, "CAUSAL_LM")
-
-    def _build_ref(self):
-        if not self.need_ref or self.lora_rank > 0:  # LoRA: the reference is the actor with adapters disabled
-            return None
-        ref = load_causal_lm(self.actor_path, dtype=torch.float32).to(self.device)
-        ref.requires_grad_(False)
-        ref.eval()
-        return ref
-
-    def _build_critic(self):
-        model = load_value_model(self.critic_path, dtype=torch.float32)
-        return self._trainable(model, self.critic_grad_ckpt, "TOKEN_CLS")
+    @staticmethod
+    def _trainable(model, lr, weight_decay, mini, micro, epochs, grad_clip, name) -> _Trainable:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return _Trainable(model, params, optim, mini, micro, epochs, grad_clip, name)
 
     def _actor_base(self):
         return self.actor.get_base_model() if self.lora_rank > 0 else self.actor
+
+    @property
+    def actor_params(self) -> list[torch.nn.Parameter]:
+        return self._actor.params
+
+    @property
+    def policy_loss(self) -> str:
+        return self.config.actor_rollout_ref.actor.policy_loss
 
     def _autocast(self):
         if self.precision == "bf16":
@@ -310,346 +205,287 @@ class LocalWorkers:
 
     @contextlib.contextmanager
     def _ref_model(self) -> Iterator[torch.nn.Module]:
-        if not self.need_ref:
-            raise RuntimeError(
-                "no reference policy: set actor_rollout_ref.actor.use_kl_loss=true or "
-                "algorithm.use_kl_in_reward=true to build one"
-            )
+        if not self.config.reference_enabled:
+            raise RuntimeError("no reference policy: set actor_rollout_ref.actor.use_kl_loss=true or "
+                               "algorithm.use_kl_in_reward=true to build one")
         if self.ref is not None:
             yield self.ref
         else:
             with self.actor.disable_adapter():
                 yield self.actor
 
-    # ------------------------------------------------------------------------------------------ helpers
-    def _rows(self, data: DataProto, keys: list[str]) -> dict[str, torch.Tensor]:
+    # ------------------------------------------------------------------------------------------ tensors
+    @staticmethod
+    def _tensors(data: DataProto, keys: list[str]) -> dict[str, torch.Tensor]:
         missing = [k for k in keys if k not in data.batch.keys()]
         if missing:
             raise KeyError(f"DataProto.batch lacks {missing} (has {sorted(data.batch.keys())})")
         return {k: data.batch[k] for k in keys}
 
     def _model_inputs(self, data: DataProto) -> dict[str, torch.Tensor]:
-        t = self._rows(data, ["input_ids", "attention_mask"])
-        if "position_ids" in data.batch.keys():
-            t["position_ids"] = data.batch["position_ids"]
-        else:
-            t["position_ids"] = _position_ids(t["attention_mask"])
-        return t
+        inputs = self._tensors(data, ["input_ids", "attention_mask"])
+        inputs["position_ids"] = (data.batch["position_ids"] if "position_ids" in data.batch.keys()
+                                  else compute_position_id_with_mask(inputs["attention_mask"]))
+        return inputs
 
-    @staticmethod
-    def _span(mask: torch.Tensor) -> tuple[int, int]:
-        cols = mask.bool().any(0).nonzero()
-        if cols.numel() == 0:
-            return 0, 0
-        return int(cols.min()), int(cols.max()) + 1
-
-    def _micro_inputs(self, inp: dict[str, torch.Tensor], idx: torch.Tensor):
-        """Rows ``idx`` moved to the device, trimmed to the columns some row actually uses."""
-        mask = inp["attention_mask"][idx]
-        lo, hi = self._span(mask)
-        hi = max(hi, lo + 1)
-        sub = {k: v[idx][:, lo:hi].to(self.device) for k, v in inp.items()}
-        return sub, lo, hi
+    def _micro(self, tensors: dict[str, torch.Tensor], idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], int, int]:
+        """Rows ``idx`` of every tensor, on the device, cut to the columns some of these rows use."""
+        lo, hi = _used_columns(tensors["attention_mask"][idx])
+        return {k: v[idx][:, lo:hi].to(self.device) for k, v in tensors.items()}, lo, hi
 
     @staticmethod
     def _valid(mask: torch.Tensor) -> torch.Tensor:
         """1 where position p is real and has a real predecessor (p >= 1)."""
         m = mask.float()
-        return _shift_right(m[:, 1:] * m[:, :-1])
+        return _shift_right(m[:, 1:] * m[:, :-1]) > 0
 
     def _token_logprobs(self, model, sub, temperature: float, want_entropy: bool, entropy_grad: bool = False):
-        from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
-
-        out = model(
-            input_ids=sub["input_ids"],
-            attention_mask=sub["attention_mask"],
-            position_ids=sub["position_ids"],
-            use_cache=False,
-        )
+        """log pi(token p | tokens < p) and the entropy of that distribution, [b, t] (0 where undefined)."""
+        out = model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"],
+                    position_ids=sub["position_ids"], use_cache=False)
         logits = out.logits[:, :-1].float()
         if temperature != 1.0:
             logits = logits / temperature
-        logp = _shift_right(logprobs_from_logits(logits, sub["input_ids"][:, 1:]))
-        ent = None
-        if want_entropy:
-            if entropy_grad:
-                ent = _shift_right(entropy_from_logits(logits))
-            else:
-                with torch.no_grad():
-                    ent = _shift_right(entropy_from_logits(logits.detach()))
-        valid = self._valid(sub["attention_mask"]) > 0
-        logp = torch.where(valid, logp, torch.zeros_like(logp))
-        if ent is not None:
-            ent = torch.where(valid, ent, torch.zeros_like(ent))
+        valid = self._valid(sub["attention_mask"])
+        logp = torch.where(valid, _shift_right(logprobs_from_logits(logits, sub["input_ids"][:, 1:])), 0.0)
+        if not want_entropy:
+            return logp, None
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            ent = torch.where(valid, _shift_right(entropy_from_logits(logits)), 0.0)
         return logp, ent
 
     def _token_values(self, sub) -> torch.Tensor:
-        out = self.critic(
-            input_ids=sub["input_ids"],
-            attention_mask=sub["attention_mask"],
-            position_ids=sub["position_ids"],
-            use_cache=False,
-        )
-        head = out.logits.squeeze(-1).float()  # head[p] = V(x_<=p) = value before token p+1
-        values = _shift_right(head[:, :-1])
-        return torch.where(self._valid(sub["attention_mask"]) > 0, values, torch.zeros_like(values))
-
-    def _length_sorted(self, mask: torch.Tensor) -> torch.Tensor:
-        lengths = mask.long().sum(-1)
-        return torch.sort(lengths, stable=True).indices
-
-    @staticmethod
-    def _temperature(data: DataProto) -> float:
-        t = float((data.meta_info or {}).get("temperature", 1.0) or 1.0)
-        return t if t > 0 else 1.0
+        """V(prefix before token p), [b, t]: the head at p-1 (0 where undefined)."""
+        out = self.critic(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"],
+                          position_ids=sub["position_ids"], use_cache=False)
+        values = _shift_right(out.logits.squeeze(-1).float()[:, :-1])
+        return torch.where(self._valid(sub["attention_mask"]), values, 0.0)
 
     @torch.no_grad()
-    def _forward_logprobs(self, model, data: DataProto, micro: int, want_entropy: bool):
-        inp = self._model_inputs(data)
-        B, T = inp["input_ids"].shape
-        logp_all = torch.zeros(B, T, dtype=torch.float32)
-        ent_all = torch.zeros(B, T, dtype=torch.float32) if want_entropy else None
-        temp = self._temperature(data)
+    def _forward(self, model, data: DataProto, micro: int, fn: Callable[[dict], tuple]) -> list[torch.Tensor]:
+        """Forward-only pass in length-bucketed micro-batches; ``fn(sub) -> tensors [b, t']`` -> each [B, T]."""
+        inputs = self._model_inputs(data)
+        B, T = inputs["input_ids"].shape
+        outputs: list[torch.Tensor] = []
         model.eval()
-        for idx in _split(self._length_sorted(inp["attention_mask"]), micro):
-            sub, lo, hi = self._micro_inputs(inp, idx)
+        for idx in _split(_by_length(inputs["attention_mask"]), micro):
+            sub, lo, hi = self._micro(inputs, idx)
             with self._autocast():
-                logp, ent = self._token_logprobs(model, sub, temp, want_entropy)
-            logp_all[idx, lo:hi] = logp.cpu()
-            if want_entropy:
-                ent_all[idx, lo:hi] = ent.cpu()
-        return logp_all, ent_all
+                parts = fn(sub)
+            if not outputs:
+                outputs = [torch.zeros(B, T, dtype=torch.float32) for _ in parts]
+            for full, part in zip(outputs, parts):
+                full[idx, lo:hi] = part.float().cpu()
+        return outputs or [torch.zeros(B, T)]
+
+    def _train(self, unit: _Trainable, data: DataProto, keys: list[str],
+               loss_fn: Callable[[dict, dict], tuple[torch.Tensor, dict[str, float]]],
+               batch_info: Callable[[torch.Tensor], dict[str, Any]]) -> dict[str, list[float]]:
+        """The epoch / mini-batch / micro-batch loop shared by the actor and the critic.
+
+        ``loss_fn(sub, extra) -> (loss, sums)`` on one micro-batch (``sub``: model inputs, ``extra``: the rows'
+        ``keys`` tensors); ``batch_info(mini_mask)`` -> veRL's global batch info of a mini-batch.  Returns the
+        per-mini-batch losses and grad norms and the summed ``sums`` of every micro-batch.
+        """
+        inputs = self._model_inputs(data)
+        extra = self._tensors(data, keys)
+        rows = inputs["input_ids"].shape[0]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * (unit.name == "critic") + unit.updates)
+        record: dict[str, list[float]] = {"loss": [], "grad_norm": []}
+        sums: dict[str, float] = {}
+        unit.model.train()
+        for _ in range(unit.epochs):
+            for mini in _split(torch.randperm(rows, generator=gen), unit.mini_batch):
+                mini_mask = extra["loss_mask"][mini].float()
+                if mini_mask.sum() <= 0:
+                    continue
+                info = batch_info(mini_mask.to(self.device))
+                unit.optim.zero_grad(set_to_none=True)
+                mini_loss = 0.0
+                mini = mini[_by_length(inputs["attention_mask"][mini])]  # same gradient, less padding
+                for micro in _split(mini, unit.micro_batch):
+                    sub, lo, hi = self._micro(inputs, micro)
+                    ex = {k: v[micro][:, lo:hi].to(self.device).float() for k, v in extra.items()}
+                    with self._autocast():
+                        loss, micro_sums = loss_fn(sub, ex, info)
+                    loss.backward()
+                    mini_loss += float(loss.detach())
+                    for k, v in micro_sums.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                record["grad_norm"].append(self._clipped_step(unit))
+                record["loss"].append(mini_loss)
+        unit.model.eval()
+        unit.updates += 1
+        return {**record, **{k: [v] for k, v in sums.items()}}
+
+    @staticmethod
+    def _clipped_step(unit: _Trainable) -> float:
+        """Clip the gradient norm, step unless it is non-finite, zero the gradients; returns the norm."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(unit.params, unit.grad_clip)
+        if torch.isfinite(grad_norm):
+            unit.optim.step()
+        else:
+            logger.warning("%s grad norm is not finite (%s); skipping the optimizer step", unit.name, grad_norm)
+        unit.optim.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    @staticmethod
+    def _mini_batch_info(mask: torch.Tensor) -> dict[str, Any]:
+        return {"dp_size": 1, "batch_num_tokens": mask.sum().clamp(min=1.0),
+                "global_batch_size": (mask.sum(-1) > 0).sum().clamp(min=1)}
 
     # ------------------------------------------------------------------------------------------ protocol
     @torch.no_grad()
     def generate(self, prompts: DataProto) -> DataProto:
         from transformers import GenerationConfig
 
-        ids = prompts.batch["input_ids"]
-        mask = prompts.batch["attention_mask"]
-        mi = dict(prompts.meta_info or {})
-        sampling = Sampling.from_meta(mi, max_new_tokens=self.default_max_new_tokens,
-                                      temperature=self.default_temperature, top_p=self.default_top_p,
-                                      top_k=self.default_top_k, eos_token_id=self.eos_token_id)
-        max_new, temperature, do_sample = sampling.max_new_tokens, sampling.temperature, sampling.do_sample
-        top_p, top_k, seed, eos_ids = sampling.top_p, sampling.top_k, sampling.seed, sampling.eos_ids
-        micro = int(mi.get("micro_batch_size", self.gen_micro))
-        gen_kwargs: dict[str, Any] = dict(
-            max_new_tokens=max_new,
-            do_sample=do_sample,
-            eos_token_id=eos_ids,
-            pad_token_id=self.pad_token_id,
-            bos_token_id=self.tokenizer.bos_token_id,
-            use_cache=True,
-        )
-        if do_sample:
-            gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=max(top_k, 0))
-        gen_cfg = GenerationConfig(**gen_kwargs)
-
-        N = ids.shape[0]
-        responses = torch.full((N, max_new), self.pad_token_id, dtype=torch.long)
+        ids, mask = prompts.batch["input_ids"], prompts.batch["attention_mask"]
+        rollout = self.config.actor_rollout_ref.rollout
+        sampling = Sampling.from_meta(prompts.meta_info, max_new_tokens=rollout.response_length,
+                                      temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
+                                      eos_token_id=self.eos_token_id)
+        gen_kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
+                                          eos_token_id=sampling.eos_ids, pad_token_id=self.pad_token_id,
+                                          bos_token_id=self.tokenizer.bos_token_id, use_cache=True)
+        if sampling.do_sample:
+            gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=max(sampling.top_k, 0))
+        micro = int((prompts.meta_info or {}).get("micro_batch_size", ids.shape[0]))
+        responses = torch.full((ids.shape[0], sampling.max_new_tokens), self.pad_token_id, dtype=torch.long)
         self.actor.eval()
-        for k, start in enumerate(range(0, N, micro)):
-            rows = slice(start, min(N, start + micro))
-            m = mask[rows]
-            lo, hi = self._span(m)  # drop columns that are padding in every row of this chunk
-            hi = max(hi, lo + 1)
-            p_ids = ids[rows, lo:hi].to(self.device)
-            p_mask = m[:, lo:hi].to(self.device)
+        for k, start in enumerate(range(0, ids.shape[0], micro)):
+            rows = slice(start, start + micro)
+            lo, hi = _used_columns(mask[rows])
             rng = torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else [])
-            with rng if seed is not None else contextlib.nullcontext():
-                if seed is not None:
-                    torch.manual_seed(int(seed) + k)
-                with self._autocast():
-                    out = self.actor.generate(input_ids=p_ids, attention_mask=p_mask, generation_config=gen_cfg)
-            new = out[:, p_ids.shape[1]:].cpu()
+            with rng if sampling.seed is not None else contextlib.nullcontext(), self._autocast():
+                if sampling.seed is not None:
+                    torch.manual_seed(sampling.seed + k)
+                out = self.actor.generate(input_ids=ids[rows, lo:hi].to(self.device),
+                                          attention_mask=mask[rows, lo:hi].to(self.device),
+                                          generation_config=GenerationConfig(**gen_kwargs))
+            new = out[:, hi - lo:].cpu()
             responses[rows, : new.shape[1]] = new
-
-        is_eos = torch.zeros_like(responses, dtype=torch.bool)
-        for e in eos_ids:
-            is_eos |= responses == e
-        # 1 up to and including the first eos (all ones if none was emitted)
-        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-        response_mask = (~after_eos).long()
-        responses = responses.masked_fill(after_eos, self.pad_token_id)
-        return DataProto.from_dict(
-            tensors={"responses": responses, "response_mask": response_mask},
-            meta_info={"max_new_tokens": max_new, "do_sample": do_sample, "temperature": temperature},
-        )
+        response_mask = get_response_mask(responses, sampling.eos_ids)  # 1 up to and including the first eos
+        responses = responses.masked_fill(response_mask == 0, self.pad_token_id)
+        return DataProto.from_dict(tensors={"responses": responses, "response_mask": response_mask},
+                                   meta_info={"max_new_tokens": sampling.max_new_tokens,
+                                              "do_sample": sampling.do_sample, "temperature": sampling.temperature})
 
     def compute_log_probs(self, data: DataProto) -> DataProto:
-        logp, ent = self._forward_logprobs(self.actor, data, self.logprob_micro, want_entropy=True)
+        temp = _temperature(data)
+        logp, ent = self._forward(self.actor, data, self.config.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu,
+                                  lambda sub: self._token_logprobs(self.actor, sub, temp, want_entropy=True))
         return DataProto.from_dict(tensors={"old_log_probs": logp, "entropys": ent})
 
     def compute_ref_log_probs(self, data: DataProto) -> DataProto:
+        temp = _temperature(data)
         with self._ref_model() as ref:
-            logp, _ = self._forward_logprobs(ref, data, self.ref_micro, want_entropy=False)
+            (logp,) = self._forward(ref, data, self.config.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu,
+                                    lambda sub: self._token_logprobs(ref, sub, temp, want_entropy=False)[:1])
         return DataProto.from_dict(tensors={"ref_log_prob": logp})
 
-    @torch.no_grad()
     def compute_values(self, data: DataProto) -> DataProto:
         self._require_critic()
-        inp = self._model_inputs(data)
-        B, T = inp["input_ids"].shape
-        values = torch.zeros(B, T, dtype=torch.float32)
-        self.critic.eval()
-        for idx in _split(self._length_sorted(inp["attention_mask"]), self.critic_fwd_micro):
-            sub, lo, hi = self._micro_inputs(inp, idx)
-            with self._autocast():
-                values[idx, lo:hi] = self._token_values(sub).cpu()
+        (values,) = self._forward(self.critic, data, self._critic.micro_batch, lambda sub: (self._token_values(sub),))
         return DataProto.from_dict(tensors={"values": values})
 
     def _require_critic(self) -> None:
         if self.critic is None:
             raise RuntimeError("this LocalWorkers was built without a critic (pass critic_enabled=True)")
 
-    @staticmethod
-    def _mini_batch_info(mask: torch.Tensor) -> dict[str, Any]:
-        tokens = mask.sum()
-        seqs = (mask.sum(-1) > 0).sum()
-        return {"dp_size": 1, "batch_num_tokens": tokens.clamp(min=1.0), "global_batch_size": seqs.clamp(min=1)}
-
     def update_actor(self, data: DataProto) -> dict[str, float]:
+        """One pass (``ppo_epochs``) of PPO or REINFORCE over ``data``.
+
+        Needs ``advantages`` and ``loss_mask``; without ``old_log_probs`` the ratio's denominator is the current
+        policy itself (exact when the update is a single optimizer step on fresh data: the ratio is 1).
+        """
         from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
 
-        keys = ["advantages", "old_log_probs", "loss_mask"] + (["ref_log_prob"] if self.use_kl_loss else [])
-        extra = self._rows(data, keys)
-        inp = self._model_inputs(data)
-        B = inp["input_ids"].shape[0]
-        temp = self._temperature(data)
-        policy_fn = get_policy_loss_fn("vanilla") if self.policy_loss == "ppo" else None
+        actor = self.config.actor_rollout_ref.actor
+        keys = ["advantages", "loss_mask"] + [k for k in ("old_log_probs",) if k in data.batch.keys()]
+        if actor.use_kl_loss:
+            keys.append("ref_log_prob")
+        temp = _temperature(data)
+        policy_fn = get_policy_loss_fn("vanilla") if actor.policy_loss == "ppo" else None
         gbi = self._loss_cfg.global_batch_info
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._actor_updates)
+        entropy_grad = actor.entropy_coeff != 0
 
-        sums = {"tokens": 0.0, "clipfrac": 0.0, "ppo_kl": 0.0, "entropy": 0.0, "kl_loss": 0.0}
-        pg_losses, grad_norms = [], []
-        self.actor.train()
-        for _ in range(self.actor_epochs):
-            perm = torch.randperm(B, generator=gen)
-            for mini in _split(perm, self.actor_mini):
-                mini_mask = extra["loss_mask"][mini].float()
-                if mini_mask.sum() <= 0:
-                    continue
-                gbi.clear()
-                gbi.update(self._mini_batch_info(mini_mask.to(self.device)))
-                self.actor_optim.zero_grad(set_to_none=True)
-                mini_pg = 0.0
-                for micro in _split(mini, self.actor_micro):
-                    sub, lo, hi = self._micro_inputs(inp, micro)
-                    ex = {k: v[micro][:, lo:hi].to(self.device).float() for k, v in extra.items()}
-                    lm = ex["loss_mask"]
-                    with self._autocast():
-                        logp, ent = self._token_logprobs(
-                            self.actor, sub, temp, want_entropy=True, entropy_grad=self.entropy_coeff != 0
-                        )
-                    if policy_fn is not None:
-                        pg_loss, pg_m = policy_fn(
-                            old_log_prob=ex["old_log_probs"], log_prob=logp, advantages=ex["advantages"],
-                            response_mask=lm, loss_agg_mode=self.loss_agg_mode, config=self._loss_cfg,
-                        )
-                        clipfrac, ppo_kl = pg_m["actor/pg_clipfrac"], pg_m["actor/ppo_kl"]
-                    else:  # REINFORCE: -A * log pi, no ratio, no clipping
-                        pg_loss = agg_loss(-ex["advantages"] * logp, lm, self.loss_agg_mode, **gbi)
-                        clipfrac = 0.0
-                        ppo_kl = float(((ex["old_log_probs"] - logp.detach()) * lm).sum() / lm.sum().clamp(min=1))
-                    loss = pg_loss
-                    if self.entropy_coeff != 0:
-                        loss = loss - self.entropy_coeff * agg_loss(ent, lm, self.loss_agg_mode, **gbi)
-                    if self.use_kl_loss:
-                        kld = kl_penalty(logp, ex["ref_log_prob"], self.kl_loss_type)
-                        kl_loss = agg_loss(kld, lm, self.loss_agg_mode, **gbi)
-                        loss = loss + self.kl_loss_coef * kl_loss
-                        sums["kl_loss"] += float((kld.detach() * lm).sum())
-                    loss.backward()
-                    n_tok = float(lm.sum())
-                    sums["tokens"] += n_tok
-                    sums["clipfrac"] += float(clipfrac) * n_tok
-                    sums["ppo_kl"] += float(ppo_kl) * n_tok
-                    sums["entropy"] += float((ent.detach() * lm).sum())
-                    mini_pg += float(pg_loss.detach())
-                grad_norms.append(self._clipped_step(self.actor_params, self.actor_optim, self.actor_grad_clip, "actor"))
-                pg_losses.append(mini_pg)
-        gbi.clear()
-        self.actor.eval()
-        self._actor_updates += 1
-        n = max(sums["tokens"], 1.0)
+        def loss_fn(sub, ex, info):
+            lm = ex["loss_mask"]
+            gbi.clear()
+            gbi.update(info)
+            logp, ent = self._token_logprobs(self.actor, sub, temp, want_entropy=True, entropy_grad=entropy_grad)
+            old = ex["old_log_probs"] if "old_log_probs" in ex else logp.detach()
+            if policy_fn is not None:
+                pg_loss, pg_metrics = policy_fn(old_log_prob=old, log_prob=logp, advantages=ex["advantages"],
+                                                response_mask=lm, loss_agg_mode=actor.loss_agg_mode,
+                                                config=self._loss_cfg)
+                clipfrac, ppo_kl = float(pg_metrics["actor/pg_clipfrac"]), float(pg_metrics["actor/ppo_kl"])
+            else:  # REINFORCE: -A * log pi, no ratio, no clipping
+                pg_loss = agg_loss(-ex["advantages"] * logp, lm, actor.loss_agg_mode, **gbi)
+                clipfrac = 0.0
+                ppo_kl = float(((old - logp.detach()) * lm).sum() / lm.sum().clamp(min=1))
+            loss = pg_loss
+            if entropy_grad:
+                loss = loss - actor.entropy_coeff * agg_loss(ent, lm, actor.loss_agg_mode, **gbi)
+            n_tok = float(lm.sum())
+            sums = {"tokens": n_tok, "clipfrac": clipfrac * n_tok, "ppo_kl": ppo_kl * n_tok,
+                    "entropy": float((ent.detach() * lm).sum()), "pg_loss": float(pg_loss.detach())}
+            if actor.use_kl_loss:
+                kld = kl_penalty(logp, ex["ref_log_prob"], actor.kl_loss_type)
+                loss = loss + actor.kl_loss_coef * agg_loss(kld, lm, actor.loss_agg_mode, **gbi)
+                sums["kl_loss"] = float((kld.detach() * lm).sum())
+            return loss, sums
+
+        try:
+            record = self._train(self._actor, data, keys, loss_fn, self._mini_batch_info)
+        finally:
+            gbi.clear()
+        n = max(record["tokens"][0], 1.0) if "tokens" in record else 1.0
+        steps = max(len(record["loss"]), 1)
         metrics = {
-            "actor/pg_loss": sum(pg_losses) / max(len(pg_losses), 1),
-            "actor/pg_clipfrac": sums["clipfrac"] / n,
-            "actor/ppo_kl": sums["ppo_kl"] / n,
-            "actor/entropy": sums["entropy"] / n,
-            "actor/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
-            "actor/lr": float(self.actor_optim.param_groups[0]["lr"]),
+            "actor/pg_loss": sum(record.get("pg_loss", [0.0])) / steps,
+            "actor/pg_clipfrac": sum(record.get("clipfrac", [0.0])) / n,
+            "actor/ppo_kl": sum(record.get("ppo_kl", [0.0])) / n,
+            "actor/entropy": sum(record.get("entropy", [0.0])) / n,
+            "actor/grad_norm": sum(record["grad_norm"]) / steps,
+            "actor/lr": float(self._actor.optim.param_groups[0]["lr"]),
         }
-        if self.use_kl_loss:
-            metrics["actor/kl_loss"] = sums["kl_loss"] / n
+        if actor.use_kl_loss:
+            metrics["actor/kl_loss"] = sum(record.get("kl_loss", [0.0])) / n
         return metrics
 
-    @staticmethod
-    def _clipped_step(params, optim, max_norm: float, what: str) -> float:
-        """Clip the gradient norm, step unless it is non-finite, zero the gradients; returns the norm."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if torch.isfinite(grad_norm):
-            optim.step()
-        else:
-            logger.warning("%s grad norm is not finite (%s); skipping the optimizer step", what, grad_norm)
-        optim.zero_grad(set_to_none=True)
-        return float(grad_norm)
-
     def update_critic(self, data: DataProto) -> dict[str, float]:
+        """Regress the token critic on ``returns`` (veRL's clipped value loss around ``values``)."""
         from verl.trainer.ppo.core_algos import compute_value_loss
 
         self._require_critic()
-        extra = self._rows(data, ["values", "returns", "loss_mask"])
-        inp = self._model_inputs(data)
-        B = inp["input_ids"].shape[0]
-        gen = torch.Generator().manual_seed(self.seed * 1_000_033 + 7 + self._critic_updates)
+        critic, agg = self.config.critic, self.config.actor_rollout_ref.actor.loss_agg_mode
 
-        sums = {"tokens": 0.0, "clipfrac": 0.0, "vpred": 0.0}
-        vf_losses, grad_norms = [], []
-        self.critic.train()
-        for _ in range(self.critic_epochs):
-            perm = torch.randperm(B, generator=gen)
-            for mini in _split(perm, self.critic_mini):
-                mini_mask = extra["loss_mask"][mini].float()
-                if mini_mask.sum() <= 0:
-                    continue
-                info = self._mini_batch_info(mini_mask.to(self.device))
-                info.pop("dp_size")
-                self.critic_optim.zero_grad(set_to_none=True)
-                mini_loss = 0.0
-                for micro in _split(mini, self.critic_micro):
-                    sub, lo, hi = self._micro_inputs(inp, micro)
-                    ex = {k: v[micro][:, lo:hi].to(self.device).float() for k, v in extra.items()}
-                    lm = ex["loss_mask"]
-                    with self._autocast():
-                        vpreds = self._token_values(sub)
-                    vf_loss, vf_clipfrac = compute_value_loss(
-                        vpreds=vpreds, returns=ex["returns"], values=ex["values"], response_mask=lm,
-                        cliprange_value=self.cliprange_value, loss_agg_mode=self.critic_loss_agg_mode, **info,
-                    )
-                    vf_loss.backward()
-                    n_tok = float(lm.sum())
-                    sums["tokens"] += n_tok
-                    sums["clipfrac"] += float(vf_clipfrac) * n_tok
-                    sums["vpred"] += float((vpreds.detach() * lm).sum())
-                    mini_loss += float(vf_loss.detach())
-                grad_norms.append(self._clipped_step(self.critic_params, self.critic_optim, self.critic_grad_clip,
-                                                     "critic"))
-                vf_losses.append(mini_loss)
-        self.critic.eval()
-        self._critic_updates += 1
-        n = max(sums["tokens"], 1.0)
+        def loss_fn(sub, ex, info):
+            lm = ex["loss_mask"]
+            vpreds = self._token_values(sub)
+            info = {k: v for k, v in info.items() if k != "dp_size"}
+            vf_loss, vf_clipfrac = compute_value_loss(vpreds=vpreds, returns=ex["returns"], values=ex["values"],
+                                                      response_mask=lm, cliprange_value=critic.cliprange_value,
+                                                      loss_agg_mode=agg, **info)
+            n_tok = float(lm.sum())
+            return vf_loss, {"tokens": n_tok, "clipfrac": float(vf_clipfrac) * n_tok,
+                             "vpred": float((vpreds.detach() * lm).sum())}
+
+        record = self._train(self._critic, data, ["values", "returns", "loss_mask"], loss_fn, self._mini_batch_info)
+        n = max(record["tokens"][0], 1.0) if "tokens" in record else 1.0
+        steps = max(len(record["loss"]), 1)
         return {
-            "critic/vf_loss": sum(vf_losses) / max(len(vf_losses), 1),
-            "critic/vf_clipfrac": sums["clipfrac"] / n,
-            "critic/vpred_mean": sums["vpred"] / n,
-            "critic/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
-            "critic/lr": float(self.critic_optim.param_groups[0]["lr"]),
+            "critic/vf_loss": sum(record["loss"]) / steps,
+            "critic/vf_clipfrac": sum(record.get("clipfrac", [0.0])) / n,
+            "critic/vpred_mean": sum(record.get("vpred", [0.0])) / n,
+            "critic/grad_norm": sum(record["grad_norm"]) / steps,
+            "critic/lr": float(self._critic.optim.param_groups[0]["lr"]),
         }
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str], max_length: int = 512) -> torch.Tensor:
+        """Mean-pooled last hidden states of the policy (LoRA adapters active), [N, H] float32 on the CPU."""
         texts = list(texts)
         if not texts:
             return torch.zeros(0, self.hidden_size, dtype=torch.float32)
@@ -662,20 +498,22 @@ class LocalWorkers:
         finally:
             tok.truncation_side, tok.padding_side = old_trunc, old_pad
         base = self._actor_base()
-        body = getattr(base, base.base_model_prefix)  # the decoder stack (LoRA layers stay active)
-        mask_all = enc["attention_mask"]
+        body = getattr(base, base.base_model_prefix)  # the decoder stack without the LM head
+
+        def pooled(sub):
+            hidden = body(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"],
+                          position_ids=sub["position_ids"], use_cache=False).last_hidden_state.float()
+            weight = sub["attention_mask"].unsqueeze(-1).float()
+            return (hidden * weight).sum(1) / weight.sum(1).clamp(min=1.0)
+
+        inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                  "position_ids": compute_position_id_with_mask(enc["attention_mask"])}
         out = torch.zeros(len(texts), self.hidden_size, dtype=torch.float32)
         self.actor.eval()
-        for idx in _split(self._length_sorted(mask_all), self.logprob_micro):
-            ids = enc["input_ids"][idx]
-            m = mask_all[idx]
-            hi = max(int(m.sum(-1).max()), 1)
-            ids, m = ids[:, :hi].to(self.device), m[:, :hi].to(self.device)
+        for idx in _split(_by_length(inputs["attention_mask"]), self.config.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu):
+            sub, _, _ = self._micro(inputs, idx)
             with self._autocast():
-                h = body(input_ids=ids, attention_mask=m, position_ids=_position_ids(m), use_cache=False)
-            h = h.last_hidden_state.float()
-            w = m.unsqueeze(-1).float()
-            out[idx] = ((h * w).sum(1) / w.sum(1).clamp(min=1.0)).cpu()
+                out[idx] = pooled(sub).cpu()
         return out
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -689,25 +527,18 @@ class LocalWorkers:
         if result.unexpected_keys:
             raise RuntimeError(f"{what} checkpoint has unexpected keys: {result.unexpected_keys[:5]}")
         if self.lora_rank > 0:
-            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-            missing = trainable - set(state)
+            missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(state)
             if missing:
                 raise RuntimeError(f"{what} checkpoint lacks trainable parameters: {sorted(missing)[:5]}")
 
     def save_checkpoint(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
-        torch.save(self._trainable_state(self.actor), os.path.join(directory, "actor.pt"))
-        torch.save(self.actor_optim.state_dict(), os.path.join(directory, "actor_optim.pt"))
-        if self.critic is not None:
-            torch.save(self._trainable_state(self.critic), os.path.join(directory, "critic.pt"))
-            torch.save(self.critic_optim.state_dict(), os.path.join(directory, "critic_optim.pt"))
-        state = {
-            "actor_updates": self._actor_updates,
-            "critic_updates": self._critic_updates,
-            "lora_rank": self.lora_rank,
-            "has_critic": self.critic is not None,
-            "actor_path": self.actor_path,
-        }
+        for unit in (self._actor, self._critic):
+            if unit is not None:
+                torch.save(self._trainable_state(unit.model), os.path.join(directory, f"{unit.name}.pt"))
+                torch.save(unit.optim.state_dict(), os.path.join(directory, f"{unit.name}_optim.pt"))
+        state = {"actor_updates": self._actor.updates, "critic_updates": self._critic.updates if self._critic else 0,
+                 "lora_rank": self.lora_rank, "has_critic": self._critic is not None, "actor_path": self.actor_path}
         with open(os.path.join(directory, _STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
 
@@ -718,19 +549,17 @@ class LocalWorkers:
         with open(state_path) as f:
             state = json.load(f)
         if int(state.get("lora_rank", 0)) != self.lora_rank:
-            raise ValueError(
-                f"checkpoint was saved with lora.rank={state.get('lora_rank')} but lora.rank={self.lora_rank} now"
-            )
-        load = lambda name: torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)  # noqa: E731
-        self._load_trainable_state(self.actor, load("actor.pt"), "actor")
-        self.actor_optim.load_state_dict(load("actor_optim.pt"))
-        if self.critic is not None:
-            if not state.get("has_critic"):
-                raise ValueError(f"checkpoint {directory} has no critic but this run uses one")
-            self._load_trainable_state(self.critic, load("critic.pt"), "critic")
-            self.critic_optim.load_state_dict(load("critic_optim.pt"))
-        self._actor_updates = int(state.get("actor_updates", 0))
-        self._critic_updates = int(state.get("critic_updates", 0))
+            raise ValueError(f"checkpoint was saved with lora.rank={state.get('lora_rank')} but lora.rank="
+                             f"{self.lora_rank} now")
+        if self._critic is not None and not state.get("has_critic"):
+            raise ValueError(f"checkpoint {directory} has no critic but this run uses one")
+        for unit in (self._actor, self._critic):
+            if unit is None:
+                continue
+            load = lambda name: torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)  # noqa: E731
+            self._load_trainable_state(unit.model, load(f"{unit.name}.pt"), unit.name)
+            unit.optim.load_state_dict(load(f"{unit.name}_optim.pt"))
+            unit.updates = int(state.get(f"{unit.name}_updates", 0))
 
     def save_pretrained(self, directory: str) -> None:
         """Export the policy (HF format; LoRA: the adapter only) and its tokenizer."""
@@ -739,4 +568,4 @@ class LocalWorkers:
         self.tokenizer.save_pretrained(directory)
 
 
-__all__ = ["LocalWorkers"]
+__all__ = ["LocalWorkers", "measure_precision"]

@@ -275,8 +275,9 @@ def build_verl_config(config: DictConfig, critic_enabled: bool, resolve_paths: b
     ``resolve_paths`` maps ``model_path`` aliases (``smollm2-135m``, ``tiny-random``, ``.gguf``) to local
     Hugging Face directories with :func:`ragen.models.resolve_model_path` (converting once if needed).
     """
-    if not isinstance(config, DictConfig):
-        config = OmegaConf.create(config)
+    from ragen.config import load_config, to_dictconfig
+
+    config = to_dictconfig(load_config(config))
     v = OmegaConf.select(config, "verl")
     if v is None:
         raise ValueError(
@@ -357,7 +358,8 @@ def build_verl_config(config: DictConfig, critic_enabled: bool, resolve_paths: b
         "actor_rollout_ref.ref.fsdp_config.param_offload": bool(g("verl.ref.param_offload", True)),
         "actor_rollout_ref.ref.fsdp_config.strategy": strategy,
         # ---- rollout (hybrid engine: the servers share the actor's GPUs)
-        "actor_rollout_ref.rollout.name": str(rollout.name),
+        "actor_rollout_ref.rollout.name": {"auto": "vllm"}.get(str(g("actor_rollout_ref.rollout.name", "auto")),
+                                                                str(g("actor_rollout_ref.rollout.name", "auto"))),
         "actor_rollout_ref.rollout.mode": "async",
         "actor_rollout_ref.rollout.tensor_model_parallel_size": int(rollout.tensor_model_parallel_size),
         "actor_rollout_ref.rollout.gpu_memory_utilization": float(rollout.gpu_memory_utilization),
@@ -524,14 +526,15 @@ class VerlWorkers:
     _BASE_KEYS = ("prompts", "responses", "input_ids", "attention_mask", "position_ids", "response_mask")
 
     def __init__(self, config: Any, critic_enabled: bool = False, start: bool = True):
-        if not isinstance(config, DictConfig):
-            config = OmegaConf.create(config)
+        from ragen.config import load_config, to_dictconfig
+
+        config = to_dictconfig(load_config(config))
         self.config = config
         self.critic_enabled = bool(critic_enabled)
         if (str(_sel(config, "algorithm.adv_estimator", "")) == "archer"
                 and str(_sel(config, "archer.critic.type", "")) == "utterance"
                 and str(_sel(config, "archer.critic.backbone", "")) == "policy"):
-            from ragen.trainer.config_checks import ConfigError
+            from ragen.config import ConfigError
 
             raise ConfigError(_NO_ENCODER)
         self.verl_config = build_verl_config(config, self.critic_enabled)
