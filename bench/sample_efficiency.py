@@ -4,6 +4,7 @@
     python bench/sample_efficiency.py --quick                                   # tiny smoke run (~1 min)
     python bench/sample_efficiency.py --tasks bandit --seeds 2                  # quick sanity check
     python bench/sample_efficiency.py --report-only                             # re-plot / re-summarise
+    python bench/sample_efficiency.py --tasks frozenlake --estimators archer_utterance archer_logged archer_paper
     # full size, one GPU (not run here: no GPU was lent to this project's CPU sessions)
     BENCH_THREADS=8 python bench/sample_efficiency.py --policy smollm2-135m --workers 1 --tag _smollm2 \
         --steps 200 --set es_manager.train.env_groups=16 --set es_manager.train.group_size=4 \
@@ -14,19 +15,24 @@ Hydra-composed ``config/base.yaml`` + the overrides below: agent proxy, loss mas
 with the SAME rollout budget and settings for every estimator; only ``algorithm.adv_estimator`` (and, for
 ArCHer, ``archer.critic.type``) differ.  Estimators:
 
-* ``archer_utterance`` - archer, utterance-level double Q/V critic (``archer.critic.type=utterance``)
+* ``archer_utterance`` - archer, utterance-level double Q/V critic (``archer.critic.type=utterance``), V targets
+  from the current policy (the default ``archer.critic.v_target=policy``)
+* ``archer_logged``    - the same with ``archer.critic.v_target=logged`` (SARSA on the replay mixture)
+* ``archer_paper``     - the authors' choices of ``config/archer_paper.yaml`` (its algorithm / archer / critic /
+  actor keys; the learning rate stays the small policy's)
 * ``archer_token``     - archer, Q/V from the token critic (``archer.critic.type=token``)
 * ``gae``, ``grpo``, ``bi_level_gae``
 
 The policy is the small from-scratch Llama of ``bench/small_policy.py`` (word-level tokenizer, ChatML
 template), format-warmed-up ONCE per task on uniformly random valid actions and saved under
-``bench/results/policies/<task>``; every run loads it with ``model_path=<dir>``.
+``<runs>/policies/<task>``; every run loads it with ``model_path=<dir>``.
 
-Each run is a subprocess (1 torch thread; ``--workers`` of them at a time) that writes
-``bench/results/runs<tag>/<task>/<estimator>/seed<k>.json``; runs whose file exists are skipped (resumable).
-Outputs: ``bench/results/sample_efficiency.csv`` / ``.json`` (every point: task, estimator, seed, step,
-cumulative env steps, elapsed wall seconds, validation / train success), ``<task>.png`` (mean +- min/max
-over seeds vs env steps) and ``summary.md`` (env steps to the success threshold, final success).
+Raw runs go to ``--runs`` (default ``outputs/bench/sample_efficiency``, not in git): each run is a subprocess
+(1 torch thread; ``--workers`` of them at a time) that writes ``<runs>/runs<tag>/<task>/<estimator>/seed<k>.json``;
+runs whose file exists are skipped (resumable).  Summaries go to ``--results`` (default ``bench/results``):
+``sample_efficiency<tag>.csv`` (every point: task, estimator, seed, step, cumulative env steps, elapsed wall
+seconds, validation / train success), ``<task><tag>.png`` (mean +- min/max over seeds vs env steps and wall
+seconds) and ``summary<tag>.md`` (env steps to the success threshold, final success).
 """
 from __future__ import annotations
 
@@ -46,9 +52,32 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 RESULTS = os.path.join(HERE, "results")
+RUNS = os.path.join(ROOT, "outputs", "bench", "sample_efficiency")
+
+
+def preset_overrides(name: str, sections: tuple[str, ...] = ("algorithm", "archer", "critic", "actor_rollout_ref.actor"),
+                     skip: tuple[str, ...] = ("actor_rollout_ref.actor.optim",)) -> list[str]:
+    """The keys a preset in config/ sets under ``sections`` (not ``skip``), as command-line overrides."""
+    from omegaconf import OmegaConf
+
+    flat: list[str] = []
+
+    def walk(node, path: str) -> None:
+        if OmegaConf.is_dict(node):
+            for k, v in node.items():
+                if k != "defaults":
+                    walk(v, f"{path}.{k}" if path else str(k))
+        elif path.startswith(sections) and not path.startswith(skip):
+            flat.append(f"{path}={'null' if node is None else str(node).lower() if isinstance(node, bool) else node}")
+
+    walk(OmegaConf.load(os.path.join(ROOT, "config", f"{name}.yaml")), "")
+    return flat
+
 
 ESTIMATORS: dict[str, list[str]] = {
     "archer_utterance": ["algorithm.adv_estimator=archer", "archer.critic.type=utterance"],
+    "archer_logged": ["algorithm.adv_estimator=archer", "archer.critic.type=utterance", "archer.critic.v_target=logged"],
+    "archer_paper": ["algorithm.adv_estimator=archer"] + preset_overrides("archer_paper"),
     "archer_token": ["algorithm.adv_estimator=archer", "archer.critic.type=token"],
     "gae": ["algorithm.adv_estimator=gae"],
     "grpo": ["algorithm.adv_estimator=grpo"],
@@ -156,11 +185,11 @@ def run_overrides(task: str, estimator: str, seed: int, policy_dir: str, out_dir
 
 
 # --------------------------------------------------------------------------------------------- policy
-def ensure_policy(task: str, results: str, quick: bool, warmup_steps: int, log=print) -> str:
-    """The format-warmed-up policy of ``task`` (built once; later calls reuse it)."""
+def ensure_policy(task: str, runs: str, quick: bool, warmup_steps: int, log=print) -> str:
+    """The format-warmed-up policy of ``task`` (built once under ``runs``; later calls reuse it)."""
     from bench.small_policy import build_policy_dir, format_warmup
 
-    directory = os.path.join(results, "policies", task)
+    directory = os.path.join(runs, "policies", task)
     if os.path.isfile(os.path.join(directory, "format_warmup.json")):
         return directory
     cfg = compose(task_overrides(task, quick) + ["model_path=tiny-random"])
@@ -240,12 +269,12 @@ def launch(job: dict[str, Any]) -> tuple[dict[str, Any], int, float]:
 
 
 # --------------------------------------------------------------------------------------------- report
-def load_results(results: str, tasks: list[str], estimators: list[str], seeds: int, tag: str = "") -> list[dict]:
+def load_results(runs_dir: str, tasks: list[str], estimators: list[str], seeds: int, tag: str = "") -> list[dict]:
     runs = []
     for task in tasks:
         for est in estimators:
             for seed in range(seeds):
-                path = os.path.join(results, "runs" + tag, task, est, f"seed{seed}.json")
+                path = os.path.join(runs_dir, "runs" + tag, task, est, f"seed{seed}.json")
                 if os.path.isfile(path):
                     with open(path, encoding="utf-8") as fh:
                         runs.append(json.load(fh))
@@ -274,8 +303,6 @@ def write_points(runs: list[dict], results: str, stem: str) -> None:
         w.writeheader()
         for row in rows:
             w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
-    with open(os.path.join(results, stem + ".json"), "w", encoding="utf-8") as fh:
-        json.dump({"runs": [{k: v for k, v in r.items()} for r in runs]}, fh, indent=1)
 
 
 def plot_task(runs: list[dict], task: str, estimators: list[str], path: str, threshold: float) -> None:
@@ -403,10 +430,10 @@ def summary_table(runs: list[dict], tasks: list[str], estimators: list[str], thr
 COMPARE_COLUMNS = ("reached", "env steps to thr.", "final val success", "best val success", "env steps / run")
 
 
-def compare_table(results: str, tasks: list[str], estimators: list[str], seeds: int,
+def compare_table(runs_dir: str, tasks: list[str], estimators: list[str], seeds: int,
                   variants: list[tuple[str, str]]) -> str:
     """Side-by-side table of several variants (``(label, tag)``; tag ``""`` = the default run)."""
-    per = {label: load_results(results, tasks, estimators, seeds, tag) for label, tag in variants}
+    per = {label: load_results(runs_dir, tasks, estimators, seeds, tag) for label, tag in variants}
     lines = []
     for task in tasks:
         thr = TASKS[task]["threshold"]
@@ -424,9 +451,10 @@ def compare_table(results: str, tasks: list[str], estimators: list[str], seeds: 
     return "\n".join(lines)
 
 
-def report(results: str, tasks: list[str], estimators: list[str], seeds: int, tag: str = "",
+def report(runs_dir: str, results: str, tasks: list[str], estimators: list[str], seeds: int, tag: str = "",
            header: str = "", compare: list[tuple[str, str]] = ()) -> str:
-    runs = load_results(results, tasks, estimators, seeds, tag)
+    """Summary table, points CSV and plots in ``results`` from the raw runs in ``runs_dir``."""
+    runs = load_results(runs_dir, tasks, estimators, seeds, tag)
     if not runs and not compare:
         return "no results yet"
     table = ""
@@ -439,7 +467,7 @@ def report(results: str, tasks: list[str], estimators: list[str], seeds: int, ta
         table = summary_table(runs, tasks, estimators, {t: TASKS[t]["threshold"] for t in tasks})
     text = (header + "\n\n" if header else "") + table
     if compare:
-        text += "\n" + compare_table(results, tasks, estimators, seeds, list(compare))
+        text += "\n" + compare_table(runs_dir, tasks, estimators, seeds, list(compare))
     with open(os.path.join(results, f"summary{tag}.md"), "w", encoding="utf-8") as fh:
         fh.write(text + "\n")
     return text
@@ -459,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                         "real model: alias (smollm2-135m), HF directory or .gguf; a real model gets the "
                         "FULL_SIZE overrides (response length 16, lr 1e-5, device/precision auto, 8 format "
                         "warm-up steps per run) - meant for a GPU, see README")
-    p.add_argument("--results", default=RESULTS)
+    p.add_argument("--results", default=RESULTS, help="summaries, points CSV and plots (default bench/results)")
+    p.add_argument("--runs", default=RUNS, help="raw per-seed runs and the warmed-up policies (not in git)")
     p.add_argument("--tag", default="", help="suffix for a variant (runs<tag>/, summary<tag>.md, ...)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for every run (use with --tag)")
@@ -477,11 +506,13 @@ def main(argv: list[str] | None = None) -> int:
         train_one(task, est, int(seed), policy, out, int(steps), args.quick, args.set)
         return 0
 
-    results = os.path.abspath(args.results)
-    if args.quick:
-        results = os.path.join(results, "quick") if args.results == RESULTS else results
+    results, runs_dir = os.path.abspath(args.results), os.path.abspath(args.runs)
+    if args.quick:  # a smoke run never overwrites the real summaries
+        results = os.path.join(runs_dir, "quick") if args.results == RESULTS else results
+        runs_dir = os.path.join(runs_dir, "quick")
         args.seeds = 1
     os.makedirs(results, exist_ok=True)
+    os.makedirs(runs_dir, exist_ok=True)
     from tqdm.auto import tqdm
 
     if not args.report_only:
@@ -489,14 +520,14 @@ def main(argv: list[str] | None = None) -> int:
         jobs = []
         for task in args.tasks:
             if args.policy == "small":
-                policy = ensure_policy(task, results, args.quick, 20 if args.quick else args.warmup_steps,
+                policy = ensure_policy(task, runs_dir, args.quick, 20 if args.quick else args.warmup_steps,
                                        log=tqdm.write)
             else:
                 policy = args.policy
             steps = 2 if args.quick else (args.steps or TASKS[task]["steps"])
             for seed in range(args.seeds):
                 for est in args.estimators:
-                    out = os.path.join(results, "runs" + args.tag, task, est, f"seed{seed}.json")
+                    out = os.path.join(runs_dir, "runs" + args.tag, task, est, f"seed{seed}.json")
                     jobs.append({"task": task, "estimator": est, "seed": seed, "policy": policy, "out": out,
                                  "steps": steps, "quick": args.quick,
                                  "extra": ([] if args.policy == "small" else FULL_SIZE) + args.set})
@@ -526,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.notes:
         header += "\n\n" + args.notes
     compare = [tuple(c.split("=", 1)) if "=" in c else (c, "") for c in args.compare]
-    print(report(results, args.tasks, args.estimators, args.seeds, args.tag, header, compare))
+    print(report(runs_dir, results, args.tasks, args.estimators, args.seeds, args.tag, header, compare))
     return 0
 
 
