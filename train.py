@@ -10,8 +10,8 @@ import hydra
 from omegaconf import DictConfig
 
 import ragen  # noqa: F401  (registers archer / bi_level_gae with veRL)
-from ragen.trainer.agent_trainer import AgentTrainer
 from ragen.config import ConfigError
+from ragen.trainer.agent_trainer import AgentTrainer
 
 
 @hydra.main(config_path="config", config_name="base", version_base=None)

@@ -19,11 +19,12 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from ragen.trainer.core_algos import (  # noqa: E402
+from test_core_algos import reference_archer, reference_bi_level
+
+from ragen.trainer.core_algos import (
     compute_archer_advantage_return,
     compute_bi_level_gae_advantage_return,
 )
-from test_core_algos import reference_archer, reference_bi_level  # noqa: E402
 
 
 def make_batch(batch: int, length: int, turns: int, seed: int = 0):
@@ -87,7 +88,7 @@ def main() -> None:
     print(f"B={args.batch} T={args.length} turns/row={args.turns} torch={torch.__version__} "
           f"threads={torch.get_num_threads()} ({elements / 1e6:.1f} M elements)")
     print(f"one torch.cumsum over [B, T]: {cumsum_s * 1e3:.2f} ms")
-    header = f"| estimator | time (ms) | loop reference, scaled (s) | speed-up vs loop | x cumsum |"
+    header = "| estimator | time (ms) | loop reference, scaled (s) | speed-up vs loop | x cumsum |"
     print(header)
     print("|---|---:|---:|---:|---:|")
     for name, fast, slow in cases:

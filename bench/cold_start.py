@@ -27,10 +27,12 @@ def main() -> None:
     args = parser.parse_args()
 
     common = [f"es_manager.train.env_configs.tags=[{args.tag}]", f"es_manager.val.env_configs.tags=[{args.tag}]",
-              "es_manager.train.env_groups=4", "es_manager.train.group_size=4", "es_manager.train.env_configs.n_groups=[4]",
+              "es_manager.train.env_groups=4", "es_manager.train.group_size=4",
+              "es_manager.train.env_configs.n_groups=[4]",
               f"es_manager.val.env_groups={args.prompts}", f"es_manager.val.env_configs.n_groups=[{args.prompts}]",
               "agent_proxy.max_turn=1", "actor_rollout_ref.rollout.response_length=16",
-              "actor_rollout_ref.rollout.val_kwargs.do_sample=true", "actor_rollout_ref.rollout.val_kwargs.temperature=1.0",
+              "actor_rollout_ref.rollout.val_kwargs.do_sample=true",
+              "actor_rollout_ref.rollout.val_kwargs.temperature=1.0",
               "ppo_mini_batch_size=16", "critic.enable=false", "archer.alpha=0", "trainer.logger=[console]",
               "trainer.default_local_dir=outputs/cold_start", "trainer.resume_mode=disable"]
     settings = [("plain prompt", ["agent_proxy.prefill_answer=false", "format_warmup.steps=0"]),

@@ -55,7 +55,8 @@ RESULTS = os.path.join(HERE, "results")
 RUNS = os.path.join(ROOT, "outputs", "bench", "sample_efficiency")
 
 
-def preset_overrides(name: str, sections: tuple[str, ...] = ("algorithm", "archer", "critic", "actor_rollout_ref.actor"),
+def preset_overrides(name: str,
+                     sections: tuple[str, ...] = ("algorithm", "archer", "critic", "actor_rollout_ref.actor"),
                      skip: tuple[str, ...] = ("actor_rollout_ref.actor.optim",)) -> list[str]:
     """The keys a preset in config/ sets under ``sections`` (not ``skip``), as command-line overrides."""
     from omegaconf import OmegaConf
@@ -76,7 +77,8 @@ def preset_overrides(name: str, sections: tuple[str, ...] = ("algorithm", "arche
 
 ESTIMATORS: dict[str, list[str]] = {
     "archer_utterance": ["algorithm.adv_estimator=archer", "archer.critic.type=utterance"],
-    "archer_logged": ["algorithm.adv_estimator=archer", "archer.critic.type=utterance", "archer.critic.v_target=logged"],
+    "archer_logged": ["algorithm.adv_estimator=archer", "archer.critic.type=utterance",
+                      "archer.critic.v_target=logged"],
     "archer_paper": ["algorithm.adv_estimator=archer"] + preset_overrides("archer_paper"),
     "archer_token": ["algorithm.adv_estimator=archer", "archer.critic.type=token"],
     "gae": ["algorithm.adv_estimator=gae"],
@@ -535,20 +537,20 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to go "
                    f"({args.workers} at a time)")
         failed = []
-        with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="runs", dynamic_ncols=True) as bar:
-            with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
-                futures = [pool.submit(launch, j) for j in todo]
-                for fut in as_completed(futures):
-                    job, rc, secs = fut.result()
-                    name = f"{job['task']}/{job['estimator']}/seed{job['seed']}"
-                    if rc != 0:
-                        failed.append(name)
-                        tqdm.write(f"FAILED {name} (rc={rc}); log: {job['out'][:-5]}.log")
-                    else:
-                        with open(job["out"], encoding="utf-8") as fh:
-                            res = json.load(fh)
-                        tqdm.write(f"done {name}: {secs:.0f} s, final val success {final_val(res['points']):.3f}")
-                    bar.update(1)
+        with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="runs", dynamic_ncols=True) as bar, \
+                ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+            futures = [pool.submit(launch, j) for j in todo]
+            for fut in as_completed(futures):
+                job, rc, secs = fut.result()
+                name = f"{job['task']}/{job['estimator']}/seed{job['seed']}"
+                if rc != 0:
+                    failed.append(name)
+                    tqdm.write(f"FAILED {name} (rc={rc}); log: {job['out'][:-5]}.log")
+                else:
+                    with open(job["out"], encoding="utf-8") as fh:
+                        res = json.load(fh)
+                    tqdm.write(f"done {name}: {secs:.0f} s, final val success {final_val(res['points']):.3f}")
+                bar.update(1)
         tqdm.write(f"benchmark wall time {time.time() - wall0:.0f} s")
         if failed:
             tqdm.write("failed runs: " + ", ".join(failed))

@@ -8,7 +8,8 @@ tens of runs.  This module builds a policy that goes through exactly the same co
 * **Tokenizer** - a word-level ``PreTrainedTokenizerFast`` built with the ``tokenizers`` library.  The
   pre-tokenizer isolates every piece matched by ``␣?[A-Z]?[a-z]+ | ␣?[A-Z] | ␣?digit | one whitespace
   char | one other char``, so words with their leading space (" frozen", "Left"), single grid symbols
-  ("P", "_", "#", "√"), digits, punctuation and newlines are separate tokens; the decoder (``Fuse``) simply concatenates, so
+  ("P", "_", "#", "√"), digits, punctuation and newlines are separate tokens; the decoder (``Fuse``) simply
+  concatenates, so
   ``decode(encode(text)) == text`` for every in-vocabulary text (whitespace included).  The vocabulary is
   the words of the texts the context manager renders for Bandit / FrozenLake / Sokoban (system prompt,
   format hints, status and feedback lines, env instructions and observations) plus every printable ASCII
@@ -35,7 +36,8 @@ import os
 import random
 import re
 import time
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -175,7 +177,7 @@ class RandomFormatWorkers:
 
 def format_warmup(model_dir: str, config: Any, env_type: str, steps: int = 150, batch_rows: int = 8,
                   lr: float = 3e-3, n_rollouts: int = 12, seed: int = 0,
-                  log: Optional[callable] = print) -> dict[str, float]:
+                  log: callable | None = print) -> dict[str, float]:
     """Supervised format warm-up of the policy in ``model_dir`` (overwritten in place).
 
     ``config`` is the composed task config (its prompts, turn limits and prefill setting are the ones the

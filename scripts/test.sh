@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Run the whole test suite (slow tests included); exit code 5 (no tests collected) counts as a failure.
+# Lint (ruff) and the whole test suite (slow tests included); pytest's exit code 5 (no tests collected) fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+python3 -m ruff check .
+lint=$?
 python3 -m pytest tests "$@"
 status=$?
-if [ "$status" -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi
+if [ "$status" -eq 5 ]; then echo "pytest collected no tests" >&2; status=1; fi
+if [ "$lint" -ne 0 ]; then echo "ruff found problems (see above)" >&2; [ "$status" -eq 0 ] && status=1; fi
 exit "$status"

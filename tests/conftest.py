@@ -9,8 +9,9 @@ settings as a list of command-line overrides (for ``python train.py ...``).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pytest
 from omegaconf import DictConfig

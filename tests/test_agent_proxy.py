@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
-from verl import DataProto
 
 from ragen.llm_agent import AgentProxy, ContextManager, EnvStateManager
+from verl import DataProto
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_CONFIG = os.path.join(ROOT, "config", "base.yaml")
@@ -40,7 +40,7 @@ def tok():
         from ragen.models import load_tokenizer
 
         tokenizer = load_tokenizer("tiny-random")
-    except Exception:  # noqa: BLE001 - the models module may not be ready; the GGUF tokenizer is equivalent
+    except Exception:
         tokenizer = _gguf_tokenizer()
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
     return tokenizer
@@ -50,7 +50,7 @@ class LineEnv:
     """Fake env: the player starts at 0 on a line; reaching cell 2 (two "Right") wins reward 1."""
 
     instruction = "Walk to the goal G on the line. Actions: Left, Right."
-    created: list["LineEnv"] = []
+    created: list[LineEnv] = []
 
     def __init__(self, **cfg):
         self.cfg = cfg
@@ -395,7 +395,8 @@ def test_turn_records_consistent_with_rows(tok):
                 assert r["next_obs"].startswith(r["obs"] + r["action"] + "<|im_end|>")
             else:
                 assert r["next_obs"] == "" and r["done"]
-        assert [r["reward"] for r in records] == pytest.approx([0.0, -0.1, 1.0])  # Left (stays at 0), malformed, Right x2 wins
+        # Left (stays at 0), malformed, Right x2 wins
+        assert [r["reward"] for r in records] == pytest.approx([0.0, -0.1, 1.0])
 
 
 # ---------------------------------------------------------------------- seeds and groups
@@ -511,7 +512,7 @@ def test_prefill_rollout_masks_only_generated(tok):
 def test_frozenlake_two_turn_dialogue(tok):
     try:
         from ragen.env import make_env  # noqa: F401
-    except Exception:  # noqa: BLE001
+    except Exception:
         pytest.skip("ragen.env not available yet")
     cfg = make_config(**{"es_manager.train.env_configs.tags": ["FrozenLake"], "agent_proxy.max_turn": 2,
                          "es_manager.train.env_groups": 1, "es_manager.train.group_size": 1,

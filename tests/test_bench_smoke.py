@@ -6,7 +6,6 @@ import os
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))
@@ -59,7 +58,8 @@ def test_one_training_step_through_agent_trainer(bench_policy, tmp_path):
     out = str(tmp_path / "run" / "seed0.json")
     result = se.train_one("bandit", "archer_utterance", 0, directory, out, steps=1, quick=True, extra=[])
     assert os.path.isfile(out)
-    points = json.load(open(out))["points"]
+    with open(out) as fh:
+        points = json.load(fh)["points"]
     assert points[0]["step"] == 0 and points[0]["val_success"] is not None  # val_before_train
     assert points[-1]["step"] == 1 and points[-1]["env_steps"] > 0
     assert result["estimator"] == "archer_utterance"

@@ -4,11 +4,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from conftest import compose_config
 from omegaconf import OmegaConf
 
 from ragen.config import ConfigError, RunConfig, load_config, parse_config
 from ragen.env import ENV_CLASSES
-from conftest import compose_config
 
 
 def _diff(yaml: object, code: object, path: str = "") -> list[str]:

@@ -1,4 +1,4 @@
-"""ArCHer and bi-level GAE estimators: spec section 8 examples, a slow loop reference, properties."""
+"""ArCHer and bi-level GAE estimators: docs/algorithm.md §8 examples, a slow loop reference, properties."""
 from __future__ import annotations
 
 import math
@@ -15,7 +15,7 @@ from ragen.trainer.core_algos import (
     segment_turns,
 )
 
-# ---------------------------------------------------------------- spec section 8 fixtures
+# ---------------------------------------------------------------- docs/algorithm.md §8 fixtures
 MASK = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 0]], dtype=torch.float32)
 VALUES = torch.tensor([[0, 0.2, 0.3, 0, 0, 0.6, 0.8, 0]])
 REWARDS_1 = torch.tensor([[0, 0, 0.5, 0, 0, 0, 1, 0]])
@@ -112,7 +112,7 @@ def reference_bi_level(rewards, values, mask, gamma, lam, gamma_h):
     return adv, ret
 
 
-# ---------------------------------------------------------------- spec section 8, examples 1, 2, 5
+# ---------------------------------------------------------------- docs/algorithm.md §8, examples 1, 2, 5
 @pytest.mark.parametrize(
     "alpha, expected",
     [
@@ -301,7 +301,7 @@ def test_bool_mask_float32_and_large_batch_agree_with_float64():
         torch.testing.assert_close(ret32.double(), ret64, atol=1e-4, rtol=1e-4)
 
 
-# ---------------------------------------------------------------- input validation (spec section 7)
+# ---------------------------------------------------------------- input validation
 @pytest.mark.parametrize("arg, value", [("gamma", 1.5), ("lam", -0.1), ("high_level_gamma", 2.0),
                                         ("archer_alpha", 1.01), ("archer_alpha", math.nan), ("gamma", "x")])
 def test_out_of_range_parameters_name_the_argument(arg, value):

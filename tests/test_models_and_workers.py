@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from verl import DataProto
 
 from ragen import models
 from ragen.models import load_tokenizer, resolve_model_path
 from ragen.workers import LocalWorkers, Workers
+from verl import DataProto
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,7 +175,8 @@ def test_log_prob_alignment_and_padding_invariance(workers):
     # extra right padding does not change real positions
     pad = 5
     padded = DataProto.from_dict(
-        tensors={k: torch.nn.functional.pad(v, (0, pad), value=2 if k == "input_ids" else 0) for k, v in data.batch.items()}
+        tensors={k: torch.nn.functional.pad(v, (0, pad), value=2 if k == "input_ids" else 0)
+                 for k, v in data.batch.items()}
     )
     lp2 = workers.compute_log_probs(padded).batch["old_log_probs"]
     torch.testing.assert_close(lp2[:, :12], lp, atol=1e-5, rtol=1e-5)
@@ -196,7 +197,8 @@ def test_values_shape_and_alignment(workers):
 
 @pytest.mark.parametrize("policy_loss,precision", [("ppo", "bf16"), ("reinforce", "fp32")])
 def test_update_actor_changes_weights(policy_loss, precision):
-    w = LocalWorkers(make_config(trainer={"precision": precision}, actor_rollout_ref={"actor": {"policy_loss": policy_loss}}))
+    w = LocalWorkers(make_config(trainer={"precision": precision},
+                                 actor_rollout_ref={"actor": {"policy_loss": policy_loss}}))
     data = with_rl_keys(w, make_batch(B=8, lengths=(12, 9, 7, 10, 12, 5, 8, 11)))
     before = [p.detach().clone() for p in w.actor_params]
     m = w.update_actor(data)

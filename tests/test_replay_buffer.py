@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -14,7 +15,7 @@ def test_transition_is_frozen_and_normalised():
     t = Transition("s", "a", np.float32(0.5), "s2", np.bool_(True))
     assert type(t.reward) is float and t.reward == 0.5
     assert t.done is True
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         t.reward = 2.0  # frozen
     with pytest.raises(ValueError, match="reward"):
         Transition("s", "a", float("nan"), "s2", False)

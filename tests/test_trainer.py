@@ -16,8 +16,8 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 import ragen.workers.local
-from ragen.trainer.agent_trainer import LATEST_FILE, AgentTrainer
 from ragen.config import ConfigError
+from ragen.trainer.agent_trainer import LATEST_FILE, AgentTrainer
 from ragen.trainer.tracking import Tracker, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], wh
     assert not diff, f"{what} differs after resume: {dict(list(diff.items())[:5])}"
 
 
-# ------------------------------------------------------------------------------------------------ 1. one step per estimator
+# ------------------------------------------------------------ 1. one step per estimator
 # grpo runs below with the REINFORCE loss, and with PPO end to end in test_train_py_end_to_end
 @pytest.mark.parametrize("estimator, overrides", [
     ("gae", []),
@@ -154,7 +154,7 @@ def test_grpo_with_reinforce_policy_loss_trains(small_config):
     assert changed(before, trainer.workers.actor)
 
 
-# ------------------------------------------------------------------------------------------------ 3. checkpoint / resume
+# ------------------------------------------------------------ 3. checkpoint / resume
 def test_checkpoint_resume_reproduces_next_step(small_config, tmp_path):
     """Run A fits 2 steps saving after each; run B is a NEW trainer on a directory holding only A's step-1
     checkpoint (what a 1-step fit leaves behind) that resumes and does step 2: actor, token critic and utterance
@@ -320,7 +320,7 @@ def test_tracker_console_only_and_unknown_sink(tmp_path):
         Tracker(str(tmp_path / "d"), ["console", "nonsense"])
 
 
-# ------------------------------------------------------------------------------------------------ 7. real model smoke test
+# ------------------------------------------------------------ 7. real model smoke test
 @pytest.mark.slow
 def test_smollm2_archer_smoke(small_config):
     cfg = small_config("model_path=smollm2-135m", "es_manager.train.env_groups=2", "es_manager.train.group_size=1",

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config, make_small_config
 from omegaconf import OmegaConf
 
 import ragen  # noqa: F401  (registers archer / bi_level_gae with veRL)
-from conftest import compose_config, make_small_config
 from ragen.config import ConfigError, load_config
 from ragen.trainer.core_algos import MissingValuesError, compute_archer_advantage_return
 from ragen.workers.verl_backend import (

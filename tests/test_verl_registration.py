@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from verl.trainer.ppo import core_algos as verl_core_algos
+from verl.trainer.ppo.core_algos import AdvantageEstimator, get_adv_estimator_fn
 
 import ragen  # noqa: F401  (registers the estimators)
 from ragen.trainer.core_algos import MissingValuesError, compute_archer_advantage_return, register_with_verl
 from verl import DataProto
-from verl.trainer.ppo import core_algos as verl_core_algos
-from verl.trainer.ppo.core_algos import AdvantageEstimator, get_adv_estimator_fn
 
 MASK = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 0]], dtype=torch.float32)
 VALUES = torch.tensor([[0, 0.2, 0.3, 0, 0, 0.6, 0.8, 0]])
@@ -56,7 +56,7 @@ def test_verl_compute_advantage_reaches_our_estimator(name):
 def test_string_estimator_compares_with_verl_enum_and_need_critic():
     from verl.trainer.ppo.utils import need_critic
 
-    assert "archer" != AdvantageEstimator.GAE and "gae" == AdvantageEstimator.GAE
+    assert AdvantageEstimator.GAE != "archer" and AdvantageEstimator.GAE == "gae"
     on = OmegaConf.create({"critic": {"enable": True}, "algorithm": {"adv_estimator": "archer"}})
     assert need_critic(on) is True
     with pytest.warns(UserWarning):

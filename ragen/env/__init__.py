@@ -1,8 +1,8 @@
 """Multi-turn text environments and the ``make_env`` factory.
 
 ``make_env(env_type, env_config)`` builds one of ``ENV_TYPES``; ``env_config`` keys are the fields of the env's
-config class (``BanditConfig``, ``FrozenLakeConfig``, ``SokobanConfig``: the one place their defaults live).  An unknown type or key, or an invalid
-value, raises ``ValueError`` naming the offending key and what is allowed.
+config class (``BanditConfig``, ``FrozenLakeConfig``, ``SokobanConfig``: the one place their defaults live).
+An unknown type or key, or an invalid value, raises ``ValueError`` naming the offending key and what is allowed.
 """
 from __future__ import annotations
 

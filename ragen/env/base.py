@@ -15,7 +15,7 @@ class EnvConfig:
     env_type: ClassVar[str] = ""
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> "EnvConfig":
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> EnvConfig:
         """Build from an ``env_config`` mapping (a dict or a DictConfig); unknown keys are refused."""
         values = dict(values or {})
         allowed = [f.name for f in fields(cls)]
@@ -61,5 +61,5 @@ class TextEnv(abc.ABC):
     @abc.abstractmethod
     def valid_actions(self) -> list[str]: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most text envs hold nothing to release
         """Release resources (most text envs hold none)."""

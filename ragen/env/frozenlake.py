@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -42,7 +42,7 @@ class FrozenLakeConfig(EnvConfig):
     size: int = 4
     p: float = 0.8
     is_slippery: bool = False
-    success_rate: Optional[float] = None  # gymnasium's own slip model, when it supports one
+    success_rate: float | None = None  # gymnasium's own slip model, when it supports one
 
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 2:

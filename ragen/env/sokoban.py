@@ -22,8 +22,9 @@ code  meaning             symbol
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -242,7 +243,7 @@ def solve_sokoban(room_state: np.ndarray | str | Sequence[str], max_states: int 
 
 
 # ---------------------------------------------------------------------------------------------- gym core
-def _check_int(config: "SokobanConfig", key: str, low: int) -> int:
+def _check_int(config: SokobanConfig, key: str, low: int) -> int:
     value = getattr(config, key)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise config.error(key, f"an int >= {low}", value)

@@ -25,15 +25,15 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
-from verl import DataProto
-
 from verl.utils.model import compute_position_id_with_mask
 
 from ragen.config import RunConfig, load_config
+from verl import DataProto
 
 from .ctx_manager import ContextManager, Dialogue
 from .es_manager import MODES, EnvStateManager
@@ -97,7 +97,7 @@ class AgentProxy:
     """Batched multi-turn rollouts of the policy behind ``workers`` in the envs of ``config``."""
 
     def __init__(self, config: RunConfig, workers: Any, tokenizer: Any = None,
-                 env_factory: Optional[Callable[[str, dict], Any]] = None):
+                 env_factory: Callable[[str, dict], Any] | None = None):
         self.config = config = load_config(config)
         self.workers = workers
         self.tokenizer = tokenizer if tokenizer is not None else getattr(workers, "tokenizer", None)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from ragen.config import RunConfig, load_config
 
@@ -85,7 +85,7 @@ class ContextManager:
                                                   add_generation_prompt=add_generation_prompt)
 
     # ------------------------------------------------------------------ prompt texts
-    def format_hint(self, max_actions: Optional[int] = None) -> str:
+    def format_hint(self, max_actions: int | None = None) -> str:
         """The answer format; the multi-action sentence only when more than one action fits in a turn."""
         cap = self.max_actions_per_turn if max_actions is None else min(self.max_actions_per_turn, max_actions)
         if self.enable_think:
@@ -106,14 +106,14 @@ class ContextManager:
             return "Reply with <think>...</think><answer>...</answer>."
         return "Reply with <answer>...</answer>."
 
-    def _status(self, turn: int, actions_left: Optional[int]) -> str:
+    def _status(self, turn: int, actions_left: int | None) -> str:
         turns_left = max(0, self.max_turn - turn + 1)
         status = f"Turn {turn} of {self.max_turn} ({turns_left} left including this one)."
         if actions_left is not None:
             status += f" Actions left: {actions_left}."
         return status
 
-    def first_user_message(self, instruction: str, obs: str, actions_left: Optional[int] = None) -> str:
+    def first_user_message(self, instruction: str, obs: str, actions_left: int | None = None) -> str:
         parts = []
         if instruction:
             parts.append(instruction.strip())
@@ -122,8 +122,8 @@ class ContextManager:
         parts.append("State:\n" + obs)
         return "\n".join(parts)
 
-    def next_user_message(self, obs: str, reward: float, turn: int, actions_left: Optional[int] = None,
-                          format_ok: bool = True, invalid_actions: Optional[list[str]] = None) -> str:
+    def next_user_message(self, obs: str, reward: float, turn: int, actions_left: int | None = None,
+                          format_ok: bool = True, invalid_actions: list[str] | None = None) -> str:
         feedback = f"Reward: {float(reward):g}."
         if not format_ok:
             feedback += " Your reply had no valid <answer>...</answer>, so no action was taken."
@@ -132,7 +132,7 @@ class ContextManager:
         return "\n".join([feedback, self._status(turn, actions_left), "State:\n" + obs, self.format_reminder()])
 
     # ------------------------------------------------------------------ token rows
-    def start(self, instruction: str, obs: str, actions_left: Optional[int] = None) -> Dialogue:
+    def start(self, instruction: str, obs: str, actions_left: int | None = None) -> Dialogue:
         """Prompt ids of turn 1 (system + first user message + generation prompt + prefill)."""
         messages = [{"role": "system", "content": self.system_prompt()},
                     {"role": "user", "content": self.first_user_message(instruction, obs, actions_left)}]

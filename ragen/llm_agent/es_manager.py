@@ -11,8 +11,10 @@ the two ranges do not overlap.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 from ragen.config import RunConfig, load_config
 
@@ -53,7 +55,7 @@ class EnvStateManager:
     configs are checked here, where the env classes are known (before any model is loaded)."""
 
     def __init__(self, config: RunConfig, mode: str = "train",
-                 env_factory: Optional[Callable[[str, dict], Any]] = None):
+                 env_factory: Callable[[str, dict], Any] | None = None):
         config = load_config(config)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -81,7 +83,7 @@ class EnvStateManager:
                     self.envs.append(EnvState(env=env, tag=tag, group=group, env_id=len(self.envs),
                                               max_actions=spec.max_actions_per_traj, instruction=str(instruction)))
         self.max_actions_per_turn = config.agent_proxy.max_actions_per_turn
-        self.step_index: Optional[int] = None
+        self.step_index: int | None = None
 
     # ------------------------------------------------------------------ seeds
     def group_seed(self, step: int, group: int) -> int:
@@ -171,7 +173,5 @@ class EnvStateManager:
 
     def close(self) -> None:
         for st in self.envs:
-            try:
+            with contextlib.suppress(Exception):  # closing must never fail a run
                 st.env.close()
-            except Exception:  # noqa: BLE001 - closing must never fail a run
-                pass

@@ -23,12 +23,12 @@ import os
 import random
 import shutil
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from verl import DataProto
 from verl.utils.torch_functional import masked_whiten
 
 from ragen.config import RunConfig, load_config, resolve_device, to_dictconfig
@@ -36,9 +36,9 @@ from ragen.llm_agent.agent_proxy import AgentProxy, build_batch
 from ragen.llm_agent.ctx_manager import Dialogue
 from ragen.models import load_tokenizer
 from ragen.trainer.core_algos import register_with_verl, run_estimator, segment_turns
-from ragen.trainer.replay_buffer import Transition
 from ragen.trainer.tracking import Tracker
 from ragen.workers import build_workers, check_backend
+from verl import DataProto
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ LATEST_FILE = "latest_checkpointed_iteration.txt"
 class AgentTrainer:
     """Trains a multi-turn LLM agent.  ``AgentTrainer(config).fit()`` runs the whole job."""
 
-    def __init__(self, config: Any, workers: Any = None, console: Optional[Callable[[str], None]] = None):
+    def __init__(self, config: Any, workers: Any = None, console: Callable[[str], None] | None = None):
         self.config = cfg = load_config(config)  # every config error, before any model is loaded
         check_backend(cfg)
         register_with_verl()
@@ -322,7 +322,7 @@ class AgentTrainer:
             fh.write(str(self.global_step))
         return directory
 
-    def latest_checkpoint(self) -> Optional[str]:
+    def latest_checkpoint(self) -> str | None:
         marker = os.path.join(self.out_dir, LATEST_FILE)
         if not os.path.exists(marker):
             return None

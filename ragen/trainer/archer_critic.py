@@ -1,6 +1,6 @@
 """ArCHer's high-level (utterance) critic: double Q/V heads over a frozen text encoder, trained off-policy by TD.
 
-Maths (``ARCHER_SPEC.md`` §6), for a turn transition (s, a, r, s', done) and critics k = 1, 2:
+Maths (``docs/algorithm.md`` §7), for a turn transition (s, a, r, s', done) and critics k = 1, 2:
 
     y_Q,k = r + γ_h · (1 − done) · V̄_k(s')          (td_targets)
     y_V,k = Q̄_k(s, a')                              a' = the logged action, or one resampled from the policy
@@ -18,7 +18,8 @@ import copy
 import dataclasses
 import math
 import numbers
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -217,7 +218,7 @@ class ArcherCritic:
     # ------------------------------------------------------------------------------------------- config
     @classmethod
     def from_config(cls, cfg: Any, encoder: TextEncoder | None = None, *, device: str | torch.device | None = None,
-                    seed: int | None = None, workers: Any = None) -> "ArcherCritic":
+                    seed: int | None = None, workers: Any = None) -> ArcherCritic:
         """Build from the run config (``archer.critic.*``, ``archer.replay.capacity``, ``algorithm.high_level_gamma``,
         ``seed.train``); a partial dict or DictConfig takes ``config/base.yaml``'s defaults for what it lacks.
 
@@ -434,7 +435,7 @@ class ArcherCritic:
         self.buffer.load_state_dict(state["buffer"])
         self.num_updates = int(state.get("num_updates", 0))
 
-    def to(self, device: str | torch.device) -> "ArcherCritic":
+    def to(self, device: str | torch.device) -> ArcherCritic:
         """Move heads, targets and optimizer state (the encoder stays where it is)."""
         self.device = torch.device(device)
         self.heads.to(self.device)

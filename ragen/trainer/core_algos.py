@@ -2,7 +2,7 @@
 
 Every function here is pure tensor maths on ``[B, T]`` tensors (one row = one multi-turn dialogue,
 right-padded).  A *turn* is a maximal run of ``loss_mask == 1`` tokens (what the agent generated in one
-reply).  The maths is fixed in ``ARCHER_SPEC.md`` sections 2-5; symbols below follow it:
+reply).  The maths is in ``docs/algorithm.md`` §2-6; symbols below follow it:
 
 * ``R_t``  turn reward: rewards summed over the positions attributed to turn t (a position belongs to the
   latest turn that started at or before it; positions before the first turn belong to turn 0).
@@ -19,7 +19,7 @@ Importing :mod:`ragen` registers ``archer`` and ``bi_level_gae`` in veRL's advan
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -51,7 +51,7 @@ def _check_unit_interval(name: str, x: float) -> float:
     return value
 
 
-def _check_matrix(name: str, x: Any, shape: Optional[torch.Size] = None) -> torch.Tensor:
+def _check_matrix(name: str, x: Any, shape: torch.Size | None = None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape [B, T], got {type(x).__name__}")
     if x.dim() != 2:
@@ -107,7 +107,7 @@ class _Turns:
         self.width = max(1, int(self.num_turns.max())) if self.num_turns.numel() else 1
         same_row_next = self.rows[1:] == self.rows[:-1]
         self.has_next = torch.cat([same_row_next, same_row_next.new_zeros(min(1, self.rows.numel()))])
-        self._last: Optional[torch.Tensor] = None
+        self._last: torch.Tensor | None = None
 
     @property
     def last(self) -> torch.Tensor:
@@ -249,7 +249,7 @@ def _validate_common(token_level_rewards, values, loss_mask, gamma, lam, high_le
     return mask, rewards.to(dtype), values.to(dtype), gamma, lam, high_level_gamma
 
 
-def _check_turn_table(name: str, table: Optional[torch.Tensor], turns: _Turns, like: torch.Tensor):
+def _check_turn_table(name: str, table: torch.Tensor | None, turns: _Turns, like: torch.Tensor):
     """Validate an utterance-critic table ``[B, N]`` and read it as ``[K]``."""
     if table is None:
         return None
@@ -277,8 +277,8 @@ def compute_archer_advantage_return(
     lam: float,
     high_level_gamma: float,
     archer_alpha: float = 0.1,
-    turn_q: Optional[torch.Tensor] = None,
-    turn_v: Optional[torch.Tensor] = None,
+    turn_q: torch.Tensor | None = None,
+    turn_v: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ArCHer advantages: the utterance-level advantage of each turn, mixed with a token-level GAE.
 
@@ -306,7 +306,10 @@ def compute_archer_advantage_return(
     v_given = _check_turn_table("turn_v", turn_v, turns, values)
 
     v_turn = v_given if v_given is not None else turns.read(values, turns.first)
-    q_turn = q_given if q_given is not None else _turn_rewards(turns, rewards) + high_level_gamma * turns.next_of(v_turn)
+    if q_given is not None:
+        q_turn = q_given
+    else:
+        q_turn = _turn_rewards(turns, rewards) + high_level_gamma * turns.next_of(v_turn)
 
     if gamma == 1.0 and lam == 1.0:
         # a_p = Q_t − v_p, so the mix is Q_t − (1 − α)·V_t − α·v_p and the return is Q_t
@@ -332,7 +335,7 @@ def compute_bi_level_gae_advantage_return(
     """Bi-level GAE: one GAE over the generated tokens, with discount γ between tokens of a turn and
     ``high_level_gamma`` from a turn's last token to the next turn's first token.
 
-    Turn t's reward R_t (spec section 2 attribution) is paid at its last token, so
+    Turn t's reward R_t (docs/algorithm.md §2 attribution) is paid at its last token, so
     δ_{e_t} = R_t + γ_h·v_{s_{t+1}} − v_{e_t} (v = 0 after the last turn), δ_p = γ·v_{p+1} − v_p inside,
     and the trace λ runs through turn boundaries as γ_h·λ.  Computed as a turn-level scan over ``[B, N]``
     followed by the inside-turn GAE, so there is no loop over tokens.
@@ -383,7 +386,7 @@ def _discounts(config: Any) -> dict[str, float]:
             "high_level_gamma": config.get("high_level_gamma", 0.95)}
 
 
-def _require_values(name: str, values: Optional[torch.Tensor], fn: str) -> torch.Tensor:
+def _require_values(name: str, values: torch.Tensor | None, fn: str) -> torch.Tensor:
     if values is None:
         raise MissingValuesError(
             f"adv_estimator '{name}' was reached without token values. " + _HOW_TO_GET_VALUES.format(fn=fn))
@@ -395,9 +398,9 @@ def _archer_from_verl(
     response_mask: torch.Tensor,
     config: Any = None,
     index: Any = None,
-    values: Optional[torch.Tensor] = None,
-    turn_q: Optional[torch.Tensor] = None,
-    turn_v: Optional[torch.Tensor] = None,
+    values: torch.Tensor | None = None,
+    turn_q: torch.Tensor | None = None,
+    turn_v: torch.Tensor | None = None,
     **unused: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``archer`` as veRL calls it (keyword arguments of ``compute_advantage``), plus ``values``."""
@@ -412,7 +415,7 @@ def _bi_level_gae_from_verl(
     response_mask: torch.Tensor,
     config: Any = None,
     index: Any = None,
-    values: Optional[torch.Tensor] = None,
+    values: torch.Tensor | None = None,
     **unused: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``bi_level_gae`` as veRL calls it, plus ``values``."""

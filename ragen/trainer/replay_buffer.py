@@ -9,8 +9,9 @@ the minibatches the uninterrupted run would have drawn.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class Transition:
         object.__setattr__(self, "done", bool(self.done))
 
     @classmethod
-    def from_mapping(cls, record: Mapping[str, Any]) -> "Transition":
+    def from_mapping(cls, record: Mapping[str, Any]) -> Transition:
         """Build from a dict with keys obs, action, reward, next_obs, done (e.g. a ``turn_records`` entry)."""
         missing = [k for k in _FIELDS if k not in record]
         if missing:

@@ -18,7 +18,8 @@ import hashlib
 import math
 import re
 from collections import Counter, OrderedDict
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,7 +116,7 @@ class TextEncoder:
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def to(self, device: str | torch.device) -> "TextEncoder":
+    def to(self, device: str | torch.device) -> TextEncoder:
         device = torch.device(device)
         if device != self.device:
             self.device = device
@@ -313,7 +314,7 @@ class MiniLMEncoder(TextEncoder):
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
         return torch.nn.functional.normalize(pooled.float(), dim=-1)
 
-    def to(self, device: str | torch.device) -> "MiniLMEncoder":
+    def to(self, device: str | torch.device) -> MiniLMEncoder:
         super().to(device)
         self.model.to(self.device)
         return self

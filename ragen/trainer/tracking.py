@@ -14,7 +14,8 @@ import contextlib
 import json
 import math
 import os
-from typing import Any, Callable, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 CONSOLE_KEYS = (
     "train/env/all/success_rate",
@@ -47,7 +48,7 @@ class Tracker:
     the backends named in ``trainer.logger``; tensorboard events go to ``<log_dir>/tensorboard``."""
 
     def __init__(self, log_dir: str, backends: Iterable[str], project: str = "ragen_archer",
-                 experiment: str = "run", config: Any = None, console: Optional[Callable[[str], None]] = None):
+                 experiment: str = "run", config: Any = None, console: Callable[[str], None] | None = None):
         from verl.utils.tracking import Tracking
 
         self.log_dir = log_dir

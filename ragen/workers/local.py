@@ -14,17 +14,18 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
-from verl import DataProto
 from verl.utils.model import compute_position_id_with_mask
 from verl.utils.torch_functional import entropy_from_logits, get_response_mask, logprobs_from_logits
 
 from ragen.config import RunConfig, load_config, resolve_device
 from ragen.models import load_causal_lm, load_tokenizer, load_value_model
 from ragen.workers.protocol import Sampling
+from verl import DataProto
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class _Trainable:
 class LocalWorkers:
     """Actor (+ optional LoRA), optional frozen reference and optional token critic, all in this process."""
 
-    def __init__(self, config: RunConfig, critic_enabled: Optional[bool] = None):
+    def __init__(self, config: RunConfig, critic_enabled: bool | None = None):
         self.config = cfg = load_config(config)
         self.critic_enabled = cfg.token_critic_enabled if critic_enabled is None else bool(critic_enabled)
         self.device = torch.device(resolve_device(cfg.trainer.device))
@@ -372,7 +373,8 @@ class LocalWorkers:
 
     def compute_log_probs(self, data: DataProto) -> DataProto:
         temp = _temperature(data)
-        logp, ent = self._forward(self.actor, data, self.config.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu,
+        micro = self.config.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu
+        logp, ent = self._forward(self.actor, data, micro,
                                   lambda sub: self._token_logprobs(self.actor, sub, temp, want_entropy=True))
         return DataProto.from_dict(tensors={"old_log_probs": logp, "entropys": ent})
 
@@ -510,7 +512,8 @@ class LocalWorkers:
                   "position_ids": compute_position_id_with_mask(enc["attention_mask"])}
         out = torch.zeros(len(texts), self.hidden_size, dtype=torch.float32)
         self.actor.eval()
-        for idx in _split(_by_length(inputs["attention_mask"]), self.config.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu):
+        micro = self.config.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu
+        for idx in _split(_by_length(inputs["attention_mask"]), micro):
             sub, _, _ = self._micro(inputs, idx)
             with self._autocast():
                 out[idx] = pooled(sub).cpu()
@@ -556,7 +559,7 @@ class LocalWorkers:
         for unit in (self._actor, self._critic):
             if unit is None:
                 continue
-            load = lambda name: torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)  # noqa: E731
+            load = lambda name: torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)
             self._load_trainable_state(unit.model, load(f"{unit.name}.pt"), unit.name)
             unit.optim.load_state_dict(load(f"{unit.name}_optim.pt"))
             unit.updates = int(state.get(f"{unit.name}_updates", 0))

@@ -6,9 +6,10 @@ Every method takes and returns ``verl.DataProto`` (or a metrics dict), so the fi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+
 from verl import DataProto
 
 
@@ -57,12 +58,12 @@ class Sampling:
     do_sample: bool  # False also when temperature <= 0 (greedy)
     top_p: float
     top_k: int
-    seed: Optional[int]
+    seed: int | None
     eos_ids: list[int]
 
     @classmethod
-    def from_meta(cls, meta_info: Optional[dict], *, max_new_tokens: int, temperature: float, top_p: float,
-                  top_k: int, eos_token_id: Any) -> "Sampling":
+    def from_meta(cls, meta_info: dict | None, *, max_new_tokens: int, temperature: float, top_p: float,
+                  top_k: int, eos_token_id: Any) -> Sampling:
         meta = dict(meta_info or {})
         temp = float(meta.get("temperature", temperature))
         eos = meta.get("eos_token_id", eos_token_id)

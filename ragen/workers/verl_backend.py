@@ -25,14 +25,15 @@ import logging
 import math
 import os
 import uuid
+from collections.abc import Iterable
 from functools import partial
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
-from verl import DataProto
 
 from ragen.workers.protocol import Sampling
+from verl import DataProto
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def _real_columns(attention_mask: torch.Tensor, loss_mask: torch.Tensor, row: in
     return cols[:first], cols[first:]
 
 
-def to_verl_batch(data: DataProto, pad_token_id: Optional[int] = None) -> DataProto:
+def to_verl_batch(data: DataProto, pad_token_id: int | None = None) -> DataProto:
     """Our full-row layout -> veRL's prompt/response layout.
 
     In: ``input_ids``, ``attention_mask``, ``loss_mask`` [B, T] (``position_ids`` optional) and any other
@@ -174,8 +175,8 @@ def to_verl_batch(data: DataProto, pad_token_id: Optional[int] = None) -> DataPr
     return DataProto.from_dict(tensors=tensors, non_tensors=non_tensors, meta_info=meta)
 
 
-def from_verl_batch(data: DataProto, layout: Optional[DataProto] = None,
-                    keys: Optional[Iterable[str]] = None) -> DataProto:
+def from_verl_batch(data: DataProto, layout: DataProto | None = None,
+                    keys: Iterable[str] | None = None) -> DataProto:
     """veRL's prompt/response layout -> our ``[B, T]`` alignment.
 
     ``layout`` is the batch :func:`to_verl_batch` produced (it carries ``ragen_positions`` and T); it
@@ -245,10 +246,11 @@ def verl_default_config(overrides: Iterable[str] = ()) -> DictConfig:
 
     Works inside a running ``@hydra.main`` app: the global Hydra state is saved and restored around it.
     """
-    import verl
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    import verl
 
     config_dir = os.path.join(os.path.dirname(os.path.abspath(verl.__file__)), "trainer", "config")
     backup = get_gh_backup()
