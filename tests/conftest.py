@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -108,3 +109,28 @@ def tiny_cli(tmp_path):
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+def script_replies(trainer: Any, replies: list) -> None:
+    """Make ``trainer.workers.generate`` answer prompt ``j`` with ``replies[j % len(replies)]`` (``None``: keep the
+    model's own reply).  A tiny random model never answers in format, so every row would score the same and
+    group-relative advantages would be 0; a scripted valid answer in some rows gives the rewards a spread."""
+    workers = trainer.workers
+    real_generate = workers.generate
+    eot = trainer.proxy.ctx.eot_id
+
+    def generate(prompts):
+        out = real_generate(prompts)
+        responses, mask = out.batch["responses"], out.batch["response_mask"]
+        for j in range(responses.shape[0]):
+            reply = replies[j % len(replies)]
+            if reply is None:
+                continue
+            ids = (workers.tokenizer(reply, add_special_tokens=False)["input_ids"] + [eot])[: responses.shape[1]]
+            responses[j] = workers.pad_token_id
+            responses[j, : len(ids)] = torch.tensor(ids)
+            mask[j] = 0
+            mask[j, : len(ids)] = 1
+        return out
+
+    workers.generate = generate

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import script_replies
 from omegaconf import OmegaConf, open_dict
 
 import ragen.workers.local
@@ -31,31 +32,6 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> list[str]:
     after = module.state_dict()
     return [k for k, v in before.items() if not torch.equal(v, after[k].detach().cpu())]
-
-
-def script_replies(trainer: AgentTrainer, replies: list) -> None:
-    """Make ``trainer.workers.generate`` answer prompt ``j`` with ``replies[j % len(replies)]`` (``None``: keep the
-    model's own reply).  A tiny random model never answers in format, so every row would score the same and
-    group-relative advantages would be 0; a scripted valid answer in some rows gives the rewards a spread."""
-    workers = trainer.workers
-    real_generate = workers.generate
-    eot = trainer.proxy.ctx.eot_id
-
-    def generate(prompts):
-        out = real_generate(prompts)
-        responses, mask = out.batch["responses"], out.batch["response_mask"]
-        for j in range(responses.shape[0]):
-            reply = replies[j % len(replies)]
-            if reply is None:
-                continue
-            ids = (workers.tokenizer(reply, add_special_tokens=False)["input_ids"] + [eot])[: responses.shape[1]]
-            responses[j] = workers.pad_token_id
-            responses[j, : len(ids)] = torch.tensor(ids)
-            mask[j] = 0
-            mask[j, : len(ids)] = 1
-        return out
-
-    workers.generate = generate
 
 
 LO_ARM = "<answer>Phoenix</answer>"  # the Bandit's safe arm: always pays 0.1 (a bad reply scores -0.1)
@@ -335,3 +311,28 @@ def test_smollm2_archer_smoke(small_config):
     assert metrics["train/rollout/num_rows"] == 2.0
     for key in ("actor/pg_loss", "critic/vf_loss", "utterance_critic/loss"):
         assert key in metrics, key
+
+
+# ------------------------------------------------------------ 8. estimators come from veRL's registry
+def test_a_user_registered_estimator_drives_the_trainer(small_config):
+    """Every estimator is reached through veRL's registry: one a user registers works like the built-in ones."""
+    from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, register_adv_est
+
+    calls = []
+
+    @register_adv_est("test_trainer_reply_length")
+    def reply_length(token_level_rewards, response_mask, index, config=None, **unused):
+        calls.append({"rows": len(index), "gamma": config["gamma"], "values": "values" in unused})
+        advantages = response_mask * response_mask.sum(-1, keepdim=True)
+        return advantages, advantages
+
+    try:
+        cfg = small_config("algorithm.adv_estimator=test_trainer_reply_length", "critic.enable=false",
+                           "algorithm.whiten_advantages=false")
+        trainer = AgentTrainer(cfg)
+        script_replies(trainer, [LO_ARM, None])
+        metrics = trainer.train_step(0)
+    finally:
+        ADV_ESTIMATOR_REGISTRY.pop("test_trainer_reply_length")
+    assert calls == [{"rows": 4, "gamma": 1.0, "values": False}]
+    assert metrics["adv/max"] >= metrics["adv/min"] > 0 and "actor/pg_loss" in metrics
