@@ -1,0 +1,279 @@
+"""Time one training iteration phase by phase, for two settings side by side, measured in one run.
+
+    python bench/iteration.py                                  # the main job's config: this tree vs today's code
+    python bench/iteration.py --episodes 32 --turns 5          # FrozenLake, 32 episodes x up to 5 turns
+    python bench/iteration.py --baseline-ref HEAD~3            # any git ref as the baseline
+    python bench/iteration.py --baseline-set trainer.precision=fp32 --baseline-ref ""   # two settings, this tree
+
+Each setting runs in a subprocess of its own (a fresh process, its own PYTHONPATH: the baseline is a temporary
+git worktree at ``--baseline-ref``, default the commit this project started the session from), builds the
+trainer from ``config/<--config>.yaml`` + the shared overrides + its own ``--*-set`` overrides, runs
+``--iterations`` training iterations (the last one is reported; no format warm-up, so replies run to their
+length limit unless the model stops), and times every worker call: rollout (generate), old log-probs,
+reference, token values, utterance-critic TD steps, critic update, actor update.  For each phase the table gives
+seconds, tokens (real, non-padding), the achieved GFLOP/s counted as 2 N per token forward and 6 N per token
+forward + backward (N = the policy's parameters; recomputation and attention not counted), and that rate as a
+share of the machine's matmul rate measured in this same run on the model's own shapes in the precision the
+setting used.  Rollout: prompt tokens sent, tokens generated, and the engine's own prefill / decode split when
+it reports one.  Ratios (baseline / candidate) are what to read: the machine is shared and noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+START_OF_SESSION = "02b3b6b"  # the code this project shipped before the CPU-speed work (issue 14's "today")
+
+PHASES = ("rollout", "old_log_probs", "ref_log_probs", "values", "utterance_critic", "update_critic",
+          "update_actor", "iteration")
+
+
+def task_overrides(episodes: int, turns: int, response_length: int) -> list[str]:
+    """The iteration both settings run: FrozenLake 4x4, ``episodes`` episodes of up to ``turns`` turns."""
+    groups = max(1, episodes // 4)
+    return [
+        "es_manager.train.env_configs.tags=[FrozenLake]", "es_manager.val.env_configs.tags=[FrozenLake]",
+        f"es_manager.train.env_groups={groups}", "es_manager.train.group_size=4",
+        f"es_manager.train.env_configs.n_groups=[{groups}]",
+        "es_manager.val.env_groups=4", "es_manager.val.group_size=1", "es_manager.val.env_configs.n_groups=[4]",
+        f"agent_proxy.max_turn={turns}", f"custom_envs.FrozenLake.max_actions_per_traj={2 * turns}",
+        f"actor_rollout_ref.rollout.response_length={response_length}",
+        f"ppo_mini_batch_size={groups * 4}", f"micro_batch_size_per_gpu={min(8, groups * 4)}",
+        "format_warmup.steps=0", "trainer.val_before_train=false", "trainer.test_freq=0", "trainer.save_freq=0",
+        "trainer.logger=[console]", "trainer.resume_mode=disable", "trainer.device=cpu",
+    ]
+
+
+# --------------------------------------------------------------------------------------------- the machine
+def matmul_rates(hidden: int, intermediate: int, vocab: int, tokens: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of this process's torch on the model's MLP and LM-head shapes, fp32 and bf16 (best of repeats)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        best = 0.0
+        for k_in, k_out in ((hidden, intermediate), (hidden, vocab)):
+            a = torch.randn(tokens, k_in, generator=gen).to(dtype)
+            b = torch.randn(k_in, k_out, generator=gen).to(dtype)
+            a @ b  # warm up
+            for _ in range(repeats):
+                start = time.perf_counter()
+                a @ b
+                best = max(best, 2 * tokens * k_in * k_out / (time.perf_counter() - start) / 1e9)
+        rates[name] = best
+    return rates
+
+
+# --------------------------------------------------------------------------------------------- one setting
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run in a fresh process with the setting's code on PYTHONPATH; returns per-phase timings and counts."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    import ragen  # noqa: F401  (registers the estimators)
+    from ragen.trainer.agent_trainer import AgentTrainer
+
+    with initialize_config_dir(config_dir=os.path.join(spec["tree"], "config"), version_base=None):
+        config = compose(config_name=spec["config"], overrides=spec["overrides"])
+    trainer = AgentTrainer(config)
+    workers = trainer.workers
+    record: dict[str, dict[str, float]] = {}
+
+    def timed(name: str, fn, count):
+        def wrapper(data, *args, **kwargs):
+            start = time.perf_counter()
+            out = fn(data, *args, **kwargs)
+            entry = record.setdefault(name, {"s": 0.0, "tokens": 0.0, "calls": 0.0})
+            entry["s"] += time.perf_counter() - start
+            entry["calls"] += 1
+            for key, value in count(data, out).items():
+                entry[key] = entry.get(key, 0.0) + value
+            return out
+        return wrapper
+
+    def real_tokens(data, out):
+        return {"tokens": float(data.batch["attention_mask"].sum())}
+
+    def rollout_tokens(data, out):
+        return {"tokens": float(out.batch["response_mask"].sum()),
+                "prompt_tokens": float(data.batch["attention_mask"].sum())}
+
+    epochs = int(config.actor_rollout_ref.actor.ppo_epochs)
+    workers.generate = timed("rollout", workers.generate, rollout_tokens)
+    workers.compute_log_probs = timed("old_log_probs", workers.compute_log_probs, real_tokens)
+    workers.compute_ref_log_probs = timed("ref_log_probs", workers.compute_ref_log_probs, real_tokens)
+    if getattr(workers, "critic", None) is not None:
+        workers.compute_values = timed("values", workers.compute_values, real_tokens)
+        workers.update_critic = timed("update_critic", workers.update_critic,
+                                      lambda d, o: {"tokens": epochs * float(d.batch["attention_mask"].sum())})
+    workers.update_actor = timed("update_actor", workers.update_actor,
+                                 lambda d, o: {"tokens": epochs * float(d.batch["attention_mask"].sum())})
+    if trainer.utterance_critic is not None:
+        critic = trainer.utterance_critic
+        critic.update = timed("utterance_critic", critic.update, lambda d, o: {})
+
+    for step in range(spec["iterations"]):
+        record.clear()
+        for engine_stats in _engine_stats(workers):
+            engine_stats.clear()
+        start = time.perf_counter()
+        metrics = trainer.train_step(step)
+        record["iteration"] = {"s": time.perf_counter() - start}
+    stats = next(iter(_engine_stats(workers)), {})
+    model = workers.actor
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    return {
+        "label": spec["label"], "phases": record, "engine": dict(stats),
+        "params": sum(p.numel() for p in base.parameters()),
+        "precision": getattr(workers, "precision", "?"), "threads": torch.get_num_threads(),
+        "rows": metrics.get("train/rollout/num_rows"), "row_len_mean": metrics.get("train/rollout/row_len_mean"),
+        "rates": matmul_rates(int(cfg.hidden_size), int(cfg.intermediate_size), int(cfg.vocab_size)),
+    }
+
+
+def _engine_stats(workers) -> list[dict]:
+    """The rollout engine's own counters (prefill / decode tokens and seconds), when it keeps any."""
+    engine = getattr(workers, "engine", None)
+    stats = getattr(engine, "stats", None)
+    return [stats] if isinstance(stats, dict) else []
+
+
+def run_setting(label: str, tree: str, config: str, overrides: list[str], iterations: int) -> dict[str, Any]:
+    spec = {"label": label, "tree": tree, "config": config, "overrides": overrides, "iterations": iterations}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(spec, fh)
+        spec_path = fh.name
+    out_path = spec_path + ".out"
+    env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, os.path.join(HERE, "iteration.py"), "--_measure", spec_path, out_path]
+    print(f"[{label}] {tree} :: {' '.join(overrides[-6:])} ...", flush=True)
+    proc = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"[{label}] failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    with open(out_path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def baseline_tree(ref: str) -> str:
+    """A temporary git worktree of ``ref`` (reused across runs)."""
+    path = os.path.join(tempfile.gettempdir(), f"ragen-baseline-{ref.replace('/', '_')}")
+    if not os.path.isdir(path):
+        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "-f", path, ref], check=True,
+                       capture_output=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- report
+def phase_rows(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    n, rates = result["params"], result["rates"]
+    peak = rates["bf16" if result["precision"] == "bf16" else "fp32"]
+    rows = {}
+    for phase in PHASES:
+        entry = result["phases"].get(phase)
+        if not entry:
+            continue
+        tokens = entry.get("tokens", 0.0)
+        if phase == "rollout":
+            flops = 2 * n * (entry.get("prompt_tokens", 0.0) + tokens)  # what a re-prefilling engine computes
+        elif phase.startswith("update"):
+            flops = 6 * n * tokens
+        else:
+            flops = 2 * n * tokens
+        gflops = flops / entry["s"] / 1e9 if entry["s"] > 0 and flops else 0.0
+        rows[phase] = {"s": entry["s"], "tokens": tokens, "gflops": gflops, "share": gflops / peak if peak else 0.0,
+                       "prompt_tokens": entry.get("prompt_tokens", 0.0)}
+    return rows
+
+
+def report(base: dict[str, Any], cand: dict[str, Any]) -> str:
+    b, c = phase_rows(base), phase_rows(cand)
+    lines = [
+        f"baseline: {base['label']} (precision {base['precision']}, {base['threads']} threads, {base['rows']} rows, "
+        f"mean row {base['row_len_mean']:.0f} tokens; matmul fp32 {base['rates']['fp32']:.0f} / bf16 "
+        f"{base['rates']['bf16']:.0f} GFLOP/s)",
+        f"candidate: {cand['label']} (precision {cand['precision']}, {cand['threads']} threads, {cand['rows']} rows, "
+        f"mean row {cand['row_len_mean']:.0f} tokens; matmul fp32 {cand['rates']['fp32']:.0f} / bf16 "
+        f"{cand['rates']['bf16']:.0f} GFLOP/s)",
+        "",
+        "| phase | baseline s | candidate s | speed-up | candidate tokens | candidate GFLOP/s | share of matmul rate |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for phase in PHASES:
+        if phase not in b and phase not in c:
+            continue
+        bs, row = b.get(phase, {}).get("s"), c.get(phase, {})
+        cs = row.get("s")
+        ratio = f"{bs / cs:.2f}x" if bs and cs else ("skipped" if bs else "-")
+        cells = [f"{bs:.1f}" if bs is not None else "-", f"{cs:.1f}" if cs is not None else "-", ratio]
+        if row:
+            cells += [f"{row['tokens']:.0f}", f"{row['gflops']:.0f}", f"{100 * row['share']:.0f} %"]
+        else:
+            cells += ["", "", ""]
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    for who, result in (("baseline", base), ("candidate", cand)):
+        roll = result["phases"].get("rollout")
+        if roll:
+            line = (f"{who} rollout: {roll['calls']:.0f} generate calls, {roll.get('prompt_tokens', 0):.0f} prompt "
+                    f"tokens sent, {roll['tokens']:.0f} generated ({roll['tokens'] / roll['s']:.1f} generated tokens/s)")
+            engine = result.get("engine") or {}
+            if engine.get("prefill_s"):
+                line += (f"; engine: {engine.get('prefill_tokens', 0):.0f} tokens prefilled at "
+                         f"{engine['prefill_tokens'] / engine['prefill_s']:.0f} tok/s, "
+                         f"{engine.get('decode_tokens', 0):.0f} decoded at "
+                         f"{engine['decode_tokens'] / max(engine.get('decode_s', 0), 1e-9):.1f} tok/s")
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="archer", help="config/<name>.yaml of both settings")
+    p.add_argument("--episodes", type=int, default=32)
+    p.add_argument("--turns", type=int, default=5)
+    p.add_argument("--response-length", type=int, default=32)
+    p.add_argument("--iterations", type=int, default=1, help="iterations per setting; the last is reported")
+    p.add_argument("--baseline-ref", default=START_OF_SESSION, help="git ref of the baseline ('' = this tree)")
+    p.add_argument("--baseline-set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--candidate-set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="overrides for both settings")
+    p.add_argument("--json", default=None, help="also write both results here")
+    p.add_argument("--_measure", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args._measure:
+        with open(args._measure[0], encoding="utf-8") as fh:
+            spec = json.load(fh)
+        result = measure(spec)
+        with open(args._measure[1], "w", encoding="utf-8") as fh:
+            json.dump(result, fh)
+        return 0
+
+    shared = task_overrides(args.episodes, args.turns, args.response_length) + args.set
+    base_tree = baseline_tree(args.baseline_ref) if args.baseline_ref else ROOT
+    base_label = f"code at {args.baseline_ref}" if args.baseline_ref else "this tree"
+    base = run_setting(base_label + (" + " + " ".join(args.baseline_set) if args.baseline_set else ""), base_tree,
+                       args.config, shared + args.baseline_set, args.iterations)
+    cand = run_setting("this tree" + (" + " + " ".join(args.candidate_set) if args.candidate_set else ""), ROOT,
+                       args.config, shared + args.candidate_set, args.iterations)
+    text = report(base, cand)
+    print(f"\nconfig {args.config}: {args.episodes} FrozenLake episodes x up to {args.turns} turns, "
+          f"{args.response_length} new tokens per turn at most\n")
+    print(text)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"baseline": base, "candidate": cand}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
