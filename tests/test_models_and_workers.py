@@ -299,3 +299,15 @@ def test_real_smollm2_generates_from_chatml_prompt():
     assert n >= 1
     reply = w.tokenizer.decode(out.batch["responses"][0, :n], skip_special_tokens=True)
     assert reply.strip(), reply
+
+
+def test_log_probs_on_the_loss_positions_only_equal_the_full_pass(workers):
+    """The actor update runs the LM head on the generated tokens alone: same numbers where the loss is taken."""
+    data = make_batch()
+    inputs = workers._model_inputs(data)
+    mask = data.batch["loss_mask"]
+    with torch.no_grad():
+        full_lp, full_ent = workers._token_logprobs(workers.actor, inputs, 0.7, want_entropy=True)
+        lp, ent = workers._token_logprobs(workers.actor, inputs, 0.7, want_entropy=True, only=mask)
+    torch.testing.assert_close(lp, full_lp * mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, full_ent * mask, atol=1e-5, rtol=1e-5)

@@ -41,6 +41,13 @@ def _shift_right(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(x, (1, 0))
 
 
+def _scatter_shifted(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``values`` [K] computed at the True entries of ``where`` [b, t-1] -> [b, t], shifted right, 0 elsewhere."""
+    out = values.new_zeros(where.shape)
+    out = out.masked_scatter(where, values)
+    return _shift_right(out)
+
+
 def _used_columns(mask: torch.Tensor) -> tuple[int, int]:
     """``[lo, hi)``: the columns where some row of ``mask`` [b, t] is 1 (at least one column)."""
     cols = mask.bool().any(0).nonzero()
@@ -240,19 +247,40 @@ class LocalWorkers:
         m = mask.float()
         return _shift_right(m[:, 1:] * m[:, :-1]) > 0
 
-    def _token_logprobs(self, model, sub, temperature: float, want_entropy: bool, entropy_grad: bool = False):
-        """log pi(token p | tokens < p) and the entropy of that distribution, [b, t] (0 where undefined)."""
-        out = model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"],
-                    position_ids=sub["position_ids"], use_cache=False)
-        logits = out.logits[:, :-1].float()
+    def _token_logprobs(self, model, sub, temperature: float, want_entropy: bool, entropy_grad: bool = False,
+                        only: torch.Tensor | None = None):
+        """log pi(token p | tokens < p) and the entropy of that distribution, [b, t] (0 where undefined).
+
+        ``only`` [b, t]: compute them at these positions alone (0 elsewhere).  The LM head (a 49k-vocabulary
+        projection and softmax per position) then runs on the generated tokens instead of the whole dialogue:
+        exact where a loss is taken, and most of a row is prompt.
+        """
+        valid = self._valid(sub["attention_mask"])
+        targets = sub["input_ids"][:, 1:]
+        if only is None:
+            out = model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"],
+                        position_ids=sub["position_ids"], use_cache=False)
+            logits, where = out.logits[:, :-1].float(), None
+        else:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            body = getattr(base, base.base_model_prefix)  # the decoder stack without the LM head
+            hidden = body(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"],
+                          position_ids=sub["position_ids"], use_cache=False).last_hidden_state
+            where = (only[:, 1:] > 0) & valid[:, 1:]  # position p's distribution is computed at p - 1
+            logits, targets = base.get_output_embeddings()(hidden[:, :-1][where]).float(), targets[where]
         if temperature != 1.0:
             logits = logits / temperature
-        valid = self._valid(sub["attention_mask"])
-        logp = torch.where(valid, _shift_right(logprobs_from_logits(logits, sub["input_ids"][:, 1:])), 0.0)
-        if not want_entropy:
-            return logp, None
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            ent = torch.where(valid, _shift_right(entropy_from_logits(logits)), 0.0)
+        logp = logprobs_from_logits(logits, targets)
+        ent = None
+        if want_entropy:
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                ent = entropy_from_logits(logits)
+        if where is None:
+            logp = torch.where(valid, _shift_right(logp), 0.0)
+            ent = torch.where(valid, _shift_right(ent), 0.0) if ent is not None else None
+        else:
+            logp = _scatter_shifted(logp, where)
+            ent = _scatter_shifted(ent, where) if ent is not None else None
         return logp, ent
 
     def _token_values(self, sub) -> torch.Tensor:
@@ -415,7 +443,8 @@ class LocalWorkers:
             lm = ex["loss_mask"]
             gbi.clear()
             gbi.update(info)
-            logp, ent = self._token_logprobs(self.actor, sub, temp, want_entropy=True, entropy_grad=entropy_grad)
+            logp, ent = self._token_logprobs(self.actor, sub, temp, want_entropy=True, entropy_grad=entropy_grad,
+                                             only=ex["loss_mask"])
             old = ex["old_log_probs"] if "old_log_probs" in ex else logp.detach()
             if policy_fn is not None:
                 pg_loss, pg_metrics = policy_fn(old_log_prob=old, log_prob=logp, advantages=ex["advantages"],
