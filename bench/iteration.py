@@ -224,7 +224,8 @@ def report(base: dict[str, Any], cand: dict[str, Any]) -> str:
         roll = result["phases"].get("rollout")
         if roll:
             line = (f"{who} rollout: {roll['calls']:.0f} generate calls, {roll.get('prompt_tokens', 0):.0f} prompt "
-                    f"tokens sent, {roll['tokens']:.0f} generated ({roll['tokens'] / roll['s']:.1f} generated tokens/s)")
+                    f"tokens sent, {roll['tokens']:.0f} generated "
+                    f"({roll['tokens'] / roll['s']:.1f} generated tokens/s)")
             engine = result.get("engine") or {}
             if engine.get("prefill_s"):
                 line += (f"; engine: {engine.get('prefill_tokens', 0):.0f} tokens prefilled at "

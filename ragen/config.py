@@ -16,8 +16,14 @@ import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
 
+import torch
 from omegaconf import II, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from verl.utils.tracking import Tracking
+
+from ragen.env import BanditConfig, FrozenLakeConfig, SokobanConfig
+from ragen.trainer.core_algos import check_estimator, register_with_verl
+from ragen.trainer.text_encoders import check_backbone
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "check_section", "to_dictconfig",
            "resolve_device"]
@@ -289,8 +295,6 @@ class EnvSpec:
 def _default_envs() -> Dict[str, EnvSpec]:
     """The env tags of config/base.yaml; env_config values are the env config classes' defaults (spelled out in
     the yaml so that a command line can override them without a '+')."""
-    from ragen.env import BanditConfig, FrozenLakeConfig, SokobanConfig
-
     def plain(config: Any, **changes: Any) -> Dict[str, Any]:
         values = {**asdict(config), **changes}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
@@ -543,10 +547,6 @@ def _check_fields(node: Any, prefix: str) -> None:
 
 def _check_relations(cfg: RunConfig) -> None:
     """Checks that involve more than one key."""
-    from verl.utils.tracking import Tracking
-
-    from ragen.trainer.core_algos import check_estimator, register_with_verl
-
     estimator = cfg.algorithm.adv_estimator
     register_with_verl()
     try:
@@ -563,8 +563,6 @@ def _check_relations(cfg: RunConfig) -> None:
     if estimator == "archer" and not critic_on and (cfg.archer.critic.type == "token" or cfg.archer.alpha > 0):
         raise ConfigError("algorithm.adv_estimator=archer with archer.critic.type=token or archer.alpha > 0 needs "
                           "the token critic; set critic.enable=true")
-    from ragen.trainer.text_encoders import check_backbone
-
     try:
         check_backbone(cfg.archer.critic.backbone, cfg.archer.critic.grid_features)
     except ValueError as exc:
@@ -614,8 +612,6 @@ def _check_relations(cfg: RunConfig) -> None:
 
 def resolve_device(requested: str) -> str:
     """``trainer.device`` on this machine: auto -> cuda when CUDA is visible, else cpu."""
-    import torch
-
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():

@@ -26,6 +26,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATML_END = "<|im_end|>"
@@ -110,8 +118,6 @@ def _fix_model_config(model, tok) -> None:
 
 
 def _load_gguf_tokenizer(gguf: Path):
-    from transformers import AutoTokenizer
-
     with offline():
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     return _fix_tokenizer(tok)
@@ -152,8 +158,6 @@ def _cached_build(name: str, build: Callable[[Path], None]) -> str:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
     tok = _load_gguf_tokenizer(gguf)
     with offline():
         model = AutoModelForCausalLM.from_pretrained(
@@ -165,8 +169,6 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def _build_tiny_random(out: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tok = _load_gguf_tokenizer(find_embedded_gguf())
     cfg = LlamaConfig(
         vocab_size=len(tok),
@@ -220,8 +222,6 @@ def resolve_model_path(model_path: str) -> str:
 
 def load_tokenizer(model_path: str):
     """Tokenizer with a pad token (ChatML models: eos = pad = ``<|im_end|>``)."""
-    from transformers import AutoTokenizer
-
     path = resolve_model_path(model_path)
     with offline():
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -232,8 +232,6 @@ def load_tokenizer(model_path: str):
 
 def load_causal_lm(model_path: str, dtype: torch.dtype = torch.float32):
     """``AutoModelForCausalLM`` from the resolved path (eval mode)."""
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model_path(model_path)
     with offline():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
@@ -243,8 +241,6 @@ def load_causal_lm(model_path: str, dtype: torch.dtype = torch.float32):
 
 def load_value_model(model_path: str, dtype: torch.dtype = torch.float32):
     """Causal-LM backbone with a fresh scalar head: forward(...).logits is [B, T, 1] (no dropout)."""
-    from transformers import AutoConfig, AutoModelForTokenClassification
-
     path = resolve_model_path(model_path)
     with offline():
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
+from verl import DataProto
 
 from ragen.llm_agent import AgentProxy, ContextManager, EnvStateManager
-from verl import DataProto
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_CONFIG = os.path.join(ROOT, "config", "base.yaml")

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from verl import DataProto
 
 from ragen.trainer.archer_critic import ArcherCritic, td_targets
 from ragen.trainer.replay_buffer import Transition
 from ragen.trainer.text_encoders import HashingEncoder
-from verl import DataProto
 
 
 # ------------------------------------------------------------------------------------------------ public names

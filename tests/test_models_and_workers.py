@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from verl import DataProto
 
 from ragen import models
 from ragen.models import load_tokenizer, resolve_model_path
 from ragen.workers import LocalWorkers, Workers
-from verl import DataProto
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from verl import DataProto
 from verl.trainer.ppo import core_algos as verl_core_algos
 from verl.trainer.ppo.core_algos import AdvantageEstimator, get_adv_estimator_fn
 
 import ragen  # noqa: F401  (registers the estimators)
 from ragen.trainer.core_algos import MissingValuesError, compute_archer_advantage_return, register_with_verl
-from verl import DataProto
 
 MASK = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 0]], dtype=torch.float32)
 VALUES = torch.tensor([[0, 0.2, 0.3, 0, 0, 0.6, 0.8, 0]])

@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from verl import DataProto
 from verl.utils.model import compute_position_id_with_mask
 
 from ragen.config import RunConfig, load_config
-from verl import DataProto
 
 from .ctx_manager import ContextManager, Dialogue
 from .es_manager import MODES, EnvStateManager

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ragen.config import RunConfig, load_config
+from ragen.env import make_env
 
 __all__ = ["EnvState", "EnvStateManager", "MODES"]
 
@@ -59,8 +60,6 @@ class EnvStateManager:
         config = load_config(config)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        from ragen.env import make_env
-
         self.mode = mode
         self.env_factory = env_factory or make_env
         groups = getattr(config.es_manager, mode)

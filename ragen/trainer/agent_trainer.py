@@ -28,17 +28,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
+from verl import DataProto
 from verl.utils.torch_functional import masked_whiten
 
 from ragen.config import RunConfig, load_config, resolve_device, to_dictconfig
 from ragen.llm_agent.agent_proxy import AgentProxy, build_batch
 from ragen.llm_agent.ctx_manager import Dialogue
 from ragen.models import load_tokenizer
+from ragen.trainer.archer_critic import ArcherCritic
 from ragen.trainer.core_algos import register_with_verl, run_estimator, segment_turns
 from ragen.trainer.tracking import Tracker
 from ragen.workers import build_workers, check_backend
-from verl import DataProto
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +68,6 @@ class AgentTrainer:
 
         self.utterance_critic = None
         if cfg.utterance_critic_enabled:
-            from ragen.trainer.archer_critic import ArcherCritic
-
             self.utterance_critic = ArcherCritic.from_config(cfg, device=resolve_device(cfg.trainer.device),
                                                              workers=self.workers)
 
@@ -397,6 +397,4 @@ class AgentTrainer:
 
 def _plain_config(cfg: RunConfig) -> dict[str, Any]:
     """The run configuration as plain containers (what the tracking backends record)."""
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(to_dictconfig(cfg), resolve=True)

@@ -22,6 +22,8 @@ import inspect
 from typing import Any
 
 import torch
+from verl.trainer.ppo import core_algos as verl_core_algos
+from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, get_adv_estimator_fn
 
 __all__ = [
     "segment_turns",
@@ -433,8 +435,6 @@ ESTIMATOR_INPUTS = ("token_level_rewards", "response_mask", "config", "index", "
 
 def estimator_parameters(name: str) -> tuple[set[str], bool]:
     """``(required keyword names, accepts **kwargs)`` of the registered estimator ``name``."""
-    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
-
     params = inspect.signature(get_adv_estimator_fn(name)).parameters.values()
     required = {p.name for p in params
                 if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
@@ -443,8 +443,6 @@ def estimator_parameters(name: str) -> tuple[set[str], bool]:
 
 def check_estimator(name: str) -> None:
     """``ValueError`` when ``name`` is not registered or needs an input our trainer cannot give."""
-    from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY
-
     if name not in ADV_ESTIMATOR_REGISTRY:
         raise ValueError(f"algorithm.adv_estimator={name!r} is not in veRL's estimator registry (registered: "
                          f"{', '.join(sorted(ADV_ESTIMATOR_REGISTRY))})")
@@ -460,8 +458,6 @@ def run_estimator(name: str, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]
     ``inputs`` are keywords from :data:`ESTIMATOR_INPUTS`; an estimator that takes ``**kwargs`` gets them all.
     This is how the trainer reaches every estimator, veRL's ``gae`` / ``grpo``, ours, and any a user registers.
     """
-    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
-
     unknown = set(inputs) - set(ESTIMATOR_INPUTS)
     if unknown:
         raise ValueError(f"run_estimator: unknown inputs {sorted(unknown)}")
@@ -478,8 +474,6 @@ def run_estimator(name: str, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]
 
 def register_with_verl() -> None:
     """Put ``archer`` and ``bi_level_gae`` in veRL's registry (idempotent: safe to call again)."""
-    from verl.trainer.ppo import core_algos as verl_core_algos
-
     for name, adapter in VERL_ESTIMATORS.items():
         if verl_core_algos.ADV_ESTIMATOR_REGISTRY.get(name) is not adapter:
             verl_core_algos.register_adv_est(name)(adapter)

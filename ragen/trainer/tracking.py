@@ -17,6 +17,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from verl.utils.tracking import Tracking
+
 CONSOLE_KEYS = (
     "train/env/all/success_rate",
     "train/env/all/reward",
@@ -49,8 +51,6 @@ class Tracker:
 
     def __init__(self, log_dir: str, backends: Iterable[str], project: str = "ragen_archer",
                  experiment: str = "run", config: Any = None, console: Callable[[str], None] | None = None):
-        from verl.utils.tracking import Tracking
-
         self.log_dir = log_dir
         os.makedirs(log_dir, exist_ok=True)
         backends = list(backends or [])

@@ -19,13 +19,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import GenerationConfig
+from verl import DataProto
+from verl.trainer.ppo.core_algos import agg_loss, compute_value_loss, get_policy_loss_fn, kl_penalty
 from verl.utils.model import compute_position_id_with_mask
 from verl.utils.torch_functional import entropy_from_logits, get_response_mask, logprobs_from_logits
+from verl.workers.config.actor import ActorConfig
 
 from ragen.config import RunConfig, load_config, resolve_device
 from ragen.models import load_causal_lm, load_tokenizer, load_value_model
 from ragen.workers.protocol import Sampling
-from verl import DataProto
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +133,6 @@ class LocalWorkers:
         actor = cfg.actor_rollout_ref.actor
         self.actor_path = cfg.actor_rollout_ref.model.path
 
-        from verl.workers.config.actor import ActorConfig
-
         self._loss_cfg = ActorConfig(  # veRL's policy losses read their settings from this
             strategy="fsdp", rollout_n=1, ppo_mini_batch_size=actor.ppo_mini_batch_size,
             ppo_micro_batch_size_per_gpu=actor.ppo_micro_batch_size_per_gpu, ppo_epochs=actor.ppo_epochs,
@@ -179,8 +181,6 @@ class LocalWorkers:
         if grad_ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.lora_rank > 0:
-            from peft import LoraConfig, get_peft_model
-
             lora = self.config.lora
             targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
             # the value head trains in full, never wrapped by LoRA
@@ -366,8 +366,6 @@ class LocalWorkers:
     # ------------------------------------------------------------------------------------------ protocol
     @torch.no_grad()
     def generate(self, prompts: DataProto) -> DataProto:
-        from transformers import GenerationConfig
-
         ids, mask = prompts.batch["input_ids"], prompts.batch["attention_mask"]
         rollout = self.config.actor_rollout_ref.rollout
         sampling = Sampling.from_meta(prompts.meta_info, max_new_tokens=rollout.response_length,
@@ -428,8 +426,6 @@ class LocalWorkers:
         Needs ``advantages`` and ``loss_mask``; without ``old_log_probs`` the ratio's denominator is the current
         policy itself (exact when the update is a single optimizer step on fresh data: the ratio is 1).
         """
-        from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
-
         actor = self.config.actor_rollout_ref.actor
         keys = ["advantages", "loss_mask"] + [k for k in ("old_log_probs",) if k in data.batch.keys()]
         if actor.use_kl_loss:
@@ -487,8 +483,6 @@ class LocalWorkers:
 
     def update_critic(self, data: DataProto) -> dict[str, float]:
         """Regress the token critic on ``returns`` (veRL's clipped value loss around ``values``)."""
-        from verl.trainer.ppo.core_algos import compute_value_loss
-
         self._require_critic()
         critic, agg = self.config.critic, self.config.actor_rollout_ref.actor.loss_agg_mode
 

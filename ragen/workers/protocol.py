@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-
 from verl import DataProto
 
 
