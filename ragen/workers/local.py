@@ -10,6 +10,7 @@ and each micro-batch is cut to the columns its rows use.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -20,15 +21,15 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import GenerationConfig
 from verl import DataProto
 from verl.trainer.ppo.core_algos import agg_loss, compute_value_loss, get_policy_loss_fn, kl_penalty
 from verl.utils.model import compute_position_id_with_mask
-from verl.utils.torch_functional import entropy_from_logits, get_response_mask, logprobs_from_logits
+from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
 from verl.workers.config.actor import ActorConfig
 
 from ragen.config import RunConfig, load_config, resolve_device
 from ragen.models import load_causal_lm, load_tokenizer, load_value_model
+from ragen.workers.hf_engine import PrefixCachingEngine
 from ragen.workers.protocol import Sampling
 
 logger = logging.getLogger(__name__)
@@ -169,6 +170,9 @@ class LocalWorkers:
 
         self._actor = self._trainable(actor_model, actor.optim.lr, actor.optim.weight_decay, actor.ppo_mini_batch_size,
                                       actor.ppo_micro_batch_size_per_gpu, actor.ppo_epochs, actor.grad_clip, "actor")
+        self._engine: PrefixCachingEngine | None = None
+        self._gen_copy: torch.nn.Module | None = None
+        self._gen_stale = True
         self._critic = None
         if critic_model is not None:
             c = cfg.critic
@@ -364,35 +368,52 @@ class LocalWorkers:
                 "global_batch_size": (mask.sum(-1) > 0).sum().clamp(min=1)}
 
     # ------------------------------------------------------------------------------------------ protocol
-    @torch.no_grad()
+    def _generation_model(self) -> torch.nn.Module:
+        """The policy the rollout engine runs: the actor itself in fp32; in bf16 a bf16 copy of it (LoRA
+        merged), since casting the weights at every decode step would cost more than the step."""
+        if self.precision != "bf16":
+            return self.actor
+        if self.lora_rank > 0:
+            return copy.deepcopy(self.actor).merge_and_unload().to(torch.bfloat16).eval()
+        if self._gen_copy is None:
+            self._gen_copy = copy.deepcopy(self.actor).to(torch.bfloat16).eval()
+        else:
+            with torch.no_grad():
+                for target, source in zip(self._gen_copy.parameters(), self.actor.parameters()):
+                    target.copy_(source)
+        return self._gen_copy
+
+    def _weights_changed(self) -> None:
+        """New actor weights: the rollout engine's cache and bf16 copy are stale."""
+        self._gen_stale = True
+
+    @property
+    def engine(self) -> PrefixCachingEngine:
+        """The prefix-caching rollout engine, on the current weights."""
+        if self._engine is None or self._gen_stale:
+            model = self._generation_model()
+            if self._engine is None:
+                self._engine = PrefixCachingEngine(model, self.pad_token_id)
+            else:
+                self._engine.model = model
+                self._engine.clear()
+            self._gen_stale = False
+        return self._engine
+
     def generate(self, prompts: DataProto) -> DataProto:
+        """Sample replies with the prefix-caching engine (each dialogue's history is prefilled once)."""
         ids, mask = prompts.batch["input_ids"], prompts.batch["attention_mask"]
         rollout = self.config.actor_rollout_ref.rollout
         sampling = Sampling.from_meta(prompts.meta_info, max_new_tokens=rollout.response_length,
                                       temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
                                       eos_token_id=self.eos_token_id)
-        gen_kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
-                                          eos_token_id=sampling.eos_ids, pad_token_id=self.pad_token_id,
-                                          bos_token_id=self.tokenizer.bos_token_id, use_cache=True)
-        if sampling.do_sample:
-            gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=max(sampling.top_k, 0))
-        micro = int((prompts.meta_info or {}).get("micro_batch_size", ids.shape[0]))
-        responses = torch.full((ids.shape[0], sampling.max_new_tokens), self.pad_token_id, dtype=torch.long)
         self.actor.eval()
-        for k, start in enumerate(range(0, ids.shape[0], micro)):
-            rows = slice(start, start + micro)
-            lo, hi = _used_columns(mask[rows])
-            rng = torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else [])
-            with rng if sampling.seed is not None else contextlib.nullcontext(), self._autocast():
-                if sampling.seed is not None:
-                    torch.manual_seed(sampling.seed + k)
-                out = self.actor.generate(input_ids=ids[rows, lo:hi].to(self.device),
-                                          attention_mask=mask[rows, lo:hi].to(self.device),
-                                          generation_config=GenerationConfig(**gen_kwargs))
-            new = out[:, hi - lo:].cpu()
-            responses[rows, : new.shape[1]] = new
-        response_mask = get_response_mask(responses, sampling.eos_ids)  # 1 up to and including the first eos
-        responses = responses.masked_fill(response_mask == 0, self.pad_token_id)
+        replies = self.engine.generate([row[m.bool()].tolist() for row, m in zip(ids, mask)], sampling)
+        responses = torch.full((ids.shape[0], sampling.max_new_tokens), self.pad_token_id, dtype=torch.long)
+        response_mask = torch.zeros_like(responses)
+        for i, reply in enumerate(replies):  # the engine stops each row at its first eos
+            responses[i, : len(reply)] = torch.tensor(reply, dtype=torch.long)
+            response_mask[i, : len(reply)] = 1
         return DataProto.from_dict(tensors={"responses": responses, "response_mask": response_mask},
                                    meta_info={"max_new_tokens": sampling.max_new_tokens,
                                               "do_sample": sampling.do_sample, "temperature": sampling.temperature})
@@ -467,6 +488,7 @@ class LocalWorkers:
             record = self._train(self._actor, data, keys, loss_fn, self._mini_batch_info)
         finally:
             gbi.clear()
+            self._weights_changed()
         n = max(record["tokens"][0], 1.0) if "tokens" in record else 1.0
         steps = max(len(record["loss"]), 1)
         metrics = {
@@ -586,6 +608,7 @@ class LocalWorkers:
             self._load_trainable_state(unit.model, load(f"{unit.name}.pt"), unit.name)
             unit.optim.load_state_dict(load(f"{unit.name}_optim.pt"))
             unit.updates = int(state.get(f"{unit.name}_updates", 0))
+        self._weights_changed()
 
     def save_pretrained(self, directory: str) -> None:
         """Export the policy (HF format; LoRA: the adapter only) and its tokenizer."""
