@@ -123,12 +123,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     for step in range(spec["iterations"]):
         record.clear()
-        for engine_stats in _engine_stats(workers):
-            engine_stats.clear()
+        before = dict(_engine_stats(workers))
         start = time.perf_counter()
         metrics = trainer.train_step(step)
         record["iteration"] = {"s": time.perf_counter() - start}
-    stats = next(iter(_engine_stats(workers)), {})
+    stats = {k: v - before.get(k, 0) for k, v in _engine_stats(workers).items()}
     model = workers.actor
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
@@ -141,11 +140,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _engine_stats(workers) -> list[dict]:
-    """The rollout engine's own counters (prefill / decode tokens and seconds), when it keeps any."""
+def _engine_stats(workers) -> dict[str, float]:
+    """The rollout engine's own running counters (tokens prefilled, generated, ...), when it keeps any."""
     engine = getattr(workers, "engine", None)
     stats = getattr(engine, "stats", None)
-    return [stats] if isinstance(stats, dict) else []
+    return dict(stats) if isinstance(stats, dict) else {}
 
 
 def run_setting(label: str, tree: str, config: str, overrides: list[str], iterations: int) -> dict[str, Any]:
@@ -227,11 +226,9 @@ def report(base: dict[str, Any], cand: dict[str, Any]) -> str:
                     f"tokens sent, {roll['tokens']:.0f} generated "
                     f"({roll['tokens'] / roll['s']:.1f} generated tokens/s)")
             engine = result.get("engine") or {}
-            if engine.get("prefill_s"):
-                line += (f"; engine: {engine.get('prefill_tokens', 0):.0f} tokens prefilled at "
-                         f"{engine['prefill_tokens'] / engine['prefill_s']:.0f} tok/s, "
-                         f"{engine.get('decode_tokens', 0):.0f} decoded at "
-                         f"{engine['decode_tokens'] / max(engine.get('decode_s', 0), 1e-9):.1f} tok/s")
+            if engine.get("prefilled_tokens"):
+                line += (f"; the engine prefilled {engine['prefilled_tokens']:.0f} of the "
+                         f"{engine.get('prompt_tokens', 0):.0f} prompt tokens (the rest came from its cache)")
             lines.append(line)
     return "\n".join(lines)
 
