@@ -22,7 +22,7 @@ import shutil
 import site
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,6 +34,8 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
+
+from ragen.utils import scoped_environ
 
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATML_END = "<|im_end|>"
@@ -53,21 +55,9 @@ def cache_root() -> Path:
     return root
 
 
-@contextlib.contextmanager
-def offline() -> Iterator[None]:
+def offline():
     """Force the Hugging Face stack offline while loading."""
-    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    saved = {k: os.environ.get(k) for k in keys}
-    for k in keys:
-        os.environ[k] = "1"
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return scoped_environ(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
 def find_embedded_gguf() -> Path:

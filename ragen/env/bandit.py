@@ -7,20 +7,14 @@ nothing.  The episode ends after one valid pull.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import EnvConfig, TextEnv
+from .base import EnvConfig, TextEnv, is_finite_number
 
 __all__ = ["BanditConfig", "BanditEnv"]
-
-
-def _is_number(value: Any) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
-            and math.isfinite(float(value)))
 
 
 @dataclass
@@ -44,7 +38,7 @@ class BanditConfig(EnvConfig):
             raise ValueError(f"bandit env_config['hi_arm_name'] must differ from 'lo_arm_name' (case-insensitively), "
                              f"both are {self.lo_arm_name!r}")
         for key in ("lo_arm_score", "hi_arm_score", "hi_arm_hiscore_prob"):
-            if not _is_number(getattr(self, key)):
+            if not is_finite_number(getattr(self, key)):
                 raise self.error(key, "a finite number", getattr(self, key))
             setattr(self, key, float(getattr(self, key)))
         if not 0.0 <= self.hi_arm_hiscore_prob <= 1.0:

@@ -2,9 +2,18 @@
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
+
+import numpy as np
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real, finite number (numpy scalars included; bools are not numbers here)."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+            and math.isfinite(float(value)))
 
 
 @dataclass

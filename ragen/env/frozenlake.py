@@ -7,7 +7,6 @@ reproducible too.
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,7 +15,7 @@ import numpy as np
 from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv as _GymFrozenLake
 from gymnasium.envs.toy_text.frozen_lake import generate_random_map
 
-from .base import EnvConfig, TextEnv
+from .base import EnvConfig, TextEnv, is_finite_number
 
 __all__ = ["FrozenLakeConfig", "FrozenLakeEnv"]
 
@@ -27,11 +26,6 @@ _SUPPORTS_SUCCESS_RATE = "success_rate" in inspect.signature(_GymFrozenLake.__in
 # tile letter in gymnasium's map -> text symbol (player absent / player present)
 _TILE = {"S": "_", "F": "_", "H": "O", "G": "G"}
 _TILE_WITH_PLAYER = {"S": "P", "F": "P", "H": "X", "G": "√"}
-
-
-def _is_number(value: Any) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
-            and math.isfinite(float(value)))
 
 
 @dataclass
@@ -47,7 +41,7 @@ class FrozenLakeConfig(EnvConfig):
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 2:
             raise self.error("size", "an int >= 2", self.size)
-        if not _is_number(self.p) or not 0.0 < self.p <= 1.0:
+        if not is_finite_number(self.p) or not 0.0 < self.p <= 1.0:
             raise self.error("p", "a number in (0, 1]", self.p)
         if not isinstance(self.is_slippery, (bool, np.bool_)):
             raise self.error("is_slippery", "true or false", self.is_slippery)
@@ -55,7 +49,7 @@ class FrozenLakeConfig(EnvConfig):
             if not _SUPPORTS_SUCCESS_RATE:
                 raise ValueError("frozenlake env_config['success_rate'] is not supported by the installed gymnasium "
                                  f"({gym.__version__}); leave it unset")
-            if not _is_number(self.success_rate) or not 0.0 <= self.success_rate <= 1.0:
+            if not is_finite_number(self.success_rate) or not 0.0 <= self.success_rate <= 1.0:
                 raise self.error("success_rate", "a number in [0, 1]", self.success_rate)
         self.size, self.p, self.is_slippery = int(self.size), float(self.p), bool(self.is_slippery)
 

@@ -10,14 +10,15 @@ Two things are ours rather than veRL's, on purpose:
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from verl.utils.tracking import Tracking
+
+from ragen.utils import scoped_environ
 
 CONSOLE_KEYS = (
     "train/env/all/success_rate",
@@ -28,21 +29,6 @@ CONSOLE_KEYS = (
     "utterance_critic/loss",
     "timing/step_s",
 )
-
-
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    """Set environment variables for the duration of the block (veRL's backends read their paths there)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class Tracker:
@@ -63,7 +49,8 @@ class Tracker:
         others = [b for b in backends if b not in ("console", "file")]
         self._tracking = None
         if others:
-            with _env(TENSORBOARD_DIR=os.path.join(log_dir, "tensorboard")):
+            # veRL reads the tensorboard directory from the environment
+            with scoped_environ(TENSORBOARD_DIR=os.path.join(log_dir, "tensorboard")):
                 self._tracking = Tracking(project, experiment, default_backend=others, config=config)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

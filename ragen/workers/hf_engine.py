@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import torch
 from transformers import AttentionInterface
@@ -48,7 +48,7 @@ _ATTN_NAME = "ragen_prefix_sdpa"
 
 
 def _gqa_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
               **_: object) -> tuple[torch.Tensor, None]:
     """q [b, Hq, n, Dh], k/v [b, Hkv, K, Dh], mask [b, 1, n, K] bool -> ([b, n, Hq, Dh], None).
 
@@ -135,7 +135,7 @@ class _Batch:
     width: int  # P: prompts end at column P
     cache: _CallCache
     valid: torch.Tensor  # [B, S] bool
-    sources: list[Optional[int]]  # key of the entry each row started from
+    sources: list[int | None]  # key of the entry each row started from
     cached: list[int]  # tokens of the row taken from that entry
     logits: torch.Tensor  # [B, V] float32, next-token logits after each prompt
 
@@ -193,7 +193,7 @@ class PrefixCachingEngine:
         self._head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
         self._next_key = 0
-        self._table: Optional[tuple[torch.Tensor, torch.Tensor, list[int]]] = None  # tokens, lengths, keys
+        self._table: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None  # tokens, lengths, keys
         self.stats = {"prompt_tokens": 0, "prefilled_tokens": 0, "generated_tokens": 0}
 
     # ------------------------------------------------------------------------------------- cache
@@ -222,7 +222,7 @@ class PrefixCachingEngine:
         if self._entries.pop(key, None) is not None:
             self._table = None
 
-    def _match(self, prompts: list[list[int]]) -> tuple[list[Optional[int]], list[int]]:
+    def _match(self, prompts: list[list[int]]) -> tuple[list[int | None], list[int]]:
         """Per prompt: the key of the entry sharing its longest prefix and that length (at most len - 1, so
         at least one token is prefilled and gives the next-token logits).  Marks the entries used."""
         if not self._entries:
@@ -234,7 +234,7 @@ class PrefixCachingEngine:
         toks, lens, keys = self._table
         q, q_lens = _pad_right(prompts, -2)
         best_len, best = _lcp(q, q_lens - 1, toks, lens).max(-1)
-        out_keys: list[Optional[int]] = []
+        out_keys: list[int | None] = []
         for b, n in zip(best.tolist(), best_len.tolist()):
             out_keys.append(keys[b] if n > 0 else None)
             if n > 0:
