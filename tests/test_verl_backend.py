@@ -1,7 +1,8 @@
-"""The veRL backend on a CPU machine: configs, the layout conversion, veRL's own checks and helpers, the
-worker plumbing against stand-in worker groups, the CPU refusal, and the top-level ``verl/`` folder.
+"""The veRL backend without Ray: configs, the layout conversion, veRL's own checks and helpers, the batch plan
+against veRL's own assertions, the worker plumbing against stand-in worker groups, the regression tests of the
+defects veRL's real workers exposed (../shared/VERL_ON_CPU.md), and the top-level ``verl/`` folder.
 
-Nothing here starts Ray or needs a GPU; what only a GPU cluster can show is listed in docs/scaling.md.
+Nothing here starts Ray; the runs against veRL's real workers are in tests/test_verl_ray.py.
 """
 from __future__ import annotations
 
@@ -70,11 +71,17 @@ def test_archer_verl_composes_validates_and_passes_verls_checks():
     assert cfg.trainer.backend == "verl" and cfg.algorithm.adv_estimator == "archer"
     assert cfg.actor_rollout_ref.rollout.name == "auto" and cfg.critic.enable is True
     load_config(cfg)  # ours
-    for nodes in (1, 2):  # the shipped 1 x 8 and 2 x 8 layouts (veRL's critic check reads the model directory)
-        run = compose_config("archer_verl", [f"trainer.nnodes={nodes}", "model_path=tiny-random"])
-        vcfg = build_verl_config(run, critic_enabled=True)
-        assert vcfg.trainer.n_gpus_per_node == 8 and vcfg.trainer.nnodes == nodes
-        check_verl_config(vcfg, critic_enabled=True)  # veRL's validate_config + its dataclasses
+    # the shipped 1 x 8 layout, and 2 x 8 with the micro-batch the docs name (veRL's critic check reads the model)
+    for nodes, extra in ((1, []), (2, ["micro_batch_size_per_gpu=2"])):
+        run = compose_config("archer_verl", [f"trainer.nnodes={nodes}", "model_path=tiny-random", *extra])
+        for device in ("cuda", "cpu"):
+            vcfg = build_verl_config(run, critic_enabled=True, device=device)
+            assert vcfg.trainer.n_gpus_per_node == 8 and vcfg.trainer.nnodes == nodes
+            check_verl_config(vcfg, critic_enabled=True)  # veRL's validate_config + its dataclasses
+    # changed with the issue: 2 x 8 ranks cannot split 32-row mini-batches into micro-batches of 4
+    with pytest.raises(ConfigError, match=r"ppo_mini_batch_size=32 .* 8 x 2 x 4 = 64"):
+        check_verl_config(build_verl_config(compose_config("archer_verl", ["trainer.nnodes=2"]), True,
+                                            resolve_paths=False, device="cuda"), True)
 
 
 def test_our_keys_reach_verl():
@@ -87,7 +94,7 @@ def test_our_keys_reach_verl():
         "verl.actor.param_offload=true", "actor_rollout_ref.actor.policy_loss=reinforce",
         "verl.overrides=['actor_rollout_ref.rollout.enforce_eager=true']",
     ])
-    v = build_verl_config(run, critic_enabled=True)
+    v = build_verl_config(run, critic_enabled=True, device="cuda")  # as on a GPU machine
     a, r, c = v.actor_rollout_ref.actor, v.actor_rollout_ref.rollout, v.critic
     assert os.path.isfile(os.path.join(v.actor_rollout_ref.model.path, "config.json"))  # alias resolved
     assert (a.optim.lr, c.optim.lr, a.clip_ratio_low, a.clip_ratio_high) == (3e-6, 2e-5, 0.2, 0.3)
@@ -102,7 +109,7 @@ def test_our_keys_reach_verl():
 def test_verl_checks_name_the_key():
     run = compose_config("archer_verl", ["ppo_mini_batch_size=12"])  # 12 rows cannot split over 8 GPUs
     with pytest.raises(ValueError, match="ppo_mini_batch_size"):
-        check_verl_config(build_verl_config(run, True, resolve_paths=False), True)
+        check_verl_config(build_verl_config(run, True, resolve_paths=False, device="cuda"), True)
 
 
 def test_verl_defaults_compose_inside_a_running_hydra_app():
@@ -187,6 +194,12 @@ def test_update_row_plan():
     assert plan_update_rows(40, 16, 8) == (16, 48)
     assert plan_update_rows(2, 4, 4) == (4, 4)
     assert plan_update_rows(3, 2, 4) == (4, 4)       # a mini-batch is at least one row per rank
+    # with the micro-batch (defect 1 of VERL_ON_CPU.md): mini-batches in whole micro-batches per rank
+    assert plan_update_rows(32, 32, 8, 4) == (32, 32)
+    assert plan_update_rows(30, 32, 2, 4) == (32, 32)
+    assert plan_update_rows(4, 2, 2, 2) == (4, 4)    # mini 2 over 2 ranks would be 1 row < micro 2
+    assert plan_update_rows(12, 8, 2, 2) == (8, 16)
+    assert plan_update_rows(3, 4, 1, 2) == (4, 4)
 
 
 # ------------------------------------------------------------------------------------------------ veRL's side
@@ -194,7 +207,7 @@ def test_need_critic_and_compute_advantage_for_archer():
     from verl.trainer.ppo.ray_trainer import compute_advantage
     from verl.trainer.ppo.utils import need_critic
 
-    vcfg = build_verl_config(compose_config("archer_verl"), critic_enabled=True, resolve_paths=False)
+    vcfg = build_verl_config(compose_config("archer_verl"), critic_enabled=True, resolve_paths=False, device="cuda")
     assert need_critic(vcfg) is True  # critic.enable=true in config/archer.yaml
     vb = to_verl_batch(hand_batch(), PAD)
     with pytest.raises(MissingValuesError, match="archer"):  # veRL passes custom estimators no values
@@ -266,7 +279,9 @@ class FakeClient:
 
 @pytest.fixture(scope="module")
 def fake_workers(tmp_path_factory):
-    cfg = make_small_config(tmp_path_factory.mktemp("verl"), "trainer.n_gpus_per_node=4", config_name="archer_verl")
+    # micro 1: 4 ranks x 1 row (the tiny mini-batch of 4 rows must split over 4 ranks in whole micro-batches)
+    cfg = make_small_config(tmp_path_factory.mktemp("verl"), "trainer.n_gpus_per_node=4", "micro_batch_size_per_gpu=1",
+                            config_name="archer_verl")
     workers = VerlWorkers(cfg, critic_enabled=True, start=False)
     workers.actor_rollout_wg, workers.critic_wg = FakeGroup(4), FakeGroup(4)
     workers.checkpoint_manager, workers.rollout_client = FakeCheckpointManager(), FakeClient()
@@ -279,8 +294,8 @@ def test_worker_specs_build_without_a_cluster(fake_workers):
     specs = fake_workers.worker_specs()
     critic_cfg = specs.pop("_critic_config")
     assert set(specs) == {"actor_rollout", "critic"}
-    assert critic_cfg.ppo_micro_batch_size_per_gpu == 2
-    assert specs["critic"].kwargs["config"].engine_config.micro_batch_size_per_gpu == 2
+    assert critic_cfg.ppo_micro_batch_size_per_gpu == 1
+    assert specs["critic"].kwargs["config"].engine_config.micro_batch_size_per_gpu == 1
     create_colocated_worker_cls(class_dict=specs)  # the colocated actor class veRL would place on each GPU
 
 
@@ -337,9 +352,18 @@ def test_policy_backbone_is_refused_before_anything_starts():
         VerlWorkers(cfg, critic_enabled=True, start=False)
 
 
-# ------------------------------------------------------------------------------------------------ CPU refusal
+# ------------------------------------------------------------------------------------------------ device refusals
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_agent_trainer_refuses_verl_on_cpu_before_loading_a_model(small_config, monkeypatch):
+@pytest.mark.parametrize("overrides, key", [
+    (["trainer.device=auto", "actor_rollout_ref.rollout.name=vllm"], r"actor_rollout_ref\.rollout\.name=vllm"),
+    (["trainer.device=auto", "verl.strategy=fsdp"], r"verl\.strategy=fsdp"),
+    (["trainer.device=cpu", "actor_rollout_ref.rollout.name=sglang"], r"actor_rollout_ref\.rollout\.name=sglang"),
+    (["trainer.device=cuda"], r"trainer\.device=cuda"),
+])
+def test_agent_trainer_refuses_what_this_machine_cannot_run_before_loading_a_model(small_config, monkeypatch,
+                                                                                    overrides, key):
+    """Changed with the issue: trainer.backend=verl runs on a CPU (veRL's workers on CPU processes); GPU-only
+    engines and a missing CUDA device are refused, naming the key, before anything loads."""
     import ragen.models as models
     import ragen.trainer.agent_trainer as agent_trainer
 
@@ -349,8 +373,8 @@ def test_agent_trainer_refuses_verl_on_cpu_before_loading_a_model(small_config, 
     for name in ("resolve_model_path", "load_tokenizer", "load_causal_lm", "load_value_model"):
         monkeypatch.setattr(models, name, boom)
     monkeypatch.setattr(agent_trainer, "build_workers", boom)
-    with pytest.raises(ConfigError, match="trainer.backend=local"):
-        agent_trainer.AgentTrainer(small_config(config_name="archer_verl"))
+    with pytest.raises(ConfigError, match=key):
+        agent_trainer.AgentTrainer(small_config(*overrides, config_name="archer_verl"))
 
 
 # ------------------------------------------------------------------------------------------------ top-level verl/
