@@ -226,11 +226,33 @@ class FakeCheckpointManager:
         self.calls.append(("update_weights", global_steps))
 
 
-class FakeGroup:
-    """Stands in for a RayWorkerGroup: `log_probs` / `values` = the next token id of the packed stream."""
+def split_like_verl(rows: int, dp: int, micro: int, mini: int | None = None, epochs: int = 1) -> None:
+    """What veRL's workers do with ``rows`` rows before any model runs, with veRL's own assertions: the dispatch
+    split over ``dp`` ranks (``tu.chunk_tensordict``), for an update each rank's ``mini / dp`` rows per mini-batch
+    (``engine_workers.py:253-263``: ``tu.make_iterator``), then micro-batches of ``micro`` rows
+    (``verl/workers/engine/utils.py:123-125``: ``prepare_micro_batches``)."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine.utils import prepare_micro_batches
 
-    def __init__(self, dp: int):
-        self.dp, self._dispatch_info, self.inputs = dp, {}, {}
+    td = TensorDict({"row": torch.arange(rows)}, batch_size=[rows])
+    for share in tu.chunk_tensordict(td, dp):
+        if mini is None:
+            batches = [share]
+        else:
+            assert mini % dp == 0, f"Got mini_batch_size={mini} and dp={dp}"  # engine_workers.py:253-256
+            batches = list(tu.make_iterator(share, mini_batch_size=mini // dp, epochs=epochs))
+        for batch in batches:
+            tu.assign_non_tensor(batch, micro_batch_size_per_gpu=micro, use_dynamic_bsz=False)
+            prepare_micro_batches(batch)
+
+
+class FakeGroup:
+    """Stands in for a RayWorkerGroup: `log_probs` / `values` = the next token id of the packed stream; with
+    ``micro`` every call first goes through veRL's own row splitting and its assertions (:func:`split_like_verl`)."""
+
+    def __init__(self, dp: int, micro: int | None = None):
+        self.dp, self.micro, self._dispatch_info, self.inputs = dp, micro, {}, {}
 
     def _query_dispatch_info(self, mesh):
         return [rank % self.dp for rank in range(self.dp)]
@@ -239,6 +261,8 @@ class FakeGroup:
         from verl.utils import tensordict_utils as tu
 
         assert len(td) % self.dp == 0, "rows must split evenly over the ranks"
+        if self.micro is not None:
+            split_like_verl(len(td), self.dp, self.micro)
         self.inputs[call] = td
         offsets = td["input_ids"].offsets()
         nxt = torch.nested.nested_tensor_from_jagged(torch.roll(td["input_ids"].values().float(), -1), offsets=offsets)
@@ -256,6 +280,8 @@ class FakeGroup:
     def _metrics(self, td, call, prefix):
         from verl.utils import tensordict_utils as tu
 
+        if self.micro is not None:
+            split_like_verl(len(td), self.dp, self.micro, mini=tu.get(td, "mini_batch_size"), epochs=tu.get(td, "epochs"))
         self.inputs[call] = td
         return tu.get_tensordict({}, {"metrics": {f"{prefix}loss": [0.5, 0.25], "mfu": [0.1], "grad_norm": 2.0}})
 
@@ -350,6 +376,183 @@ def test_policy_backbone_is_refused_before_anything_starts():
     cfg = compose_config("archer_verl", ["archer.critic.backbone=policy"])
     with pytest.raises(ConfigError, match="backbone=hashing or archer.critic.backbone=minilm"):
         VerlWorkers(cfg, critic_enabled=True, start=False)
+
+
+# ------------------------------------------------------------------------------------------------ defects found by the real workers
+# ../shared/VERL_ON_CPU.md section "Defects": each has a regression test below (they fail on the code before the fix).
+def test_defect1_every_rank_gets_whole_micro_batches(tmp_path):
+    """Forward passes padded to dp x micro rows, updates planned in mini-batches of whole micro-batches per rank:
+    veRL's own splitting and assertions (split_like_verl) accept every call."""
+    cfg = make_small_config(tmp_path, "trainer.n_gpus_per_node=2", config_name="archer_verl")  # micro 2, mini 4
+    w = VerlWorkers(cfg, critic_enabled=True, start=False)
+    w.actor_rollout_wg, w.critic_wg = FakeGroup(2, micro=2), FakeGroup(2, micro=2)
+    w.checkpoint_manager, w.rollout_client = FakeCheckpointManager(), FakeClient()
+    for rows in (1, 2, 3):  # 1 and 3 rows: a rank would get 1 row (or none) against a micro-batch of 2
+        data = hand_batch()[[r % 2 for r in range(rows)]]
+        assert w.compute_log_probs(data).batch["old_log_probs"].shape[0] == rows
+        assert len(w.actor_rollout_wg.inputs["compute_log_prob"]) == 4
+        assert w.compute_values(data).batch["values"].shape[0] == rows
+        w.update_actor(data)
+        td = w.actor_rollout_wg.inputs["update_actor"]
+        from verl.utils import tensordict_utils as tu
+
+        assert len(td) == 4 and tu.get(td, "mini_batch_size") == 4
+        assert td["response_mask"][rows:].sum() == 0  # the padding rows carry no loss
+        w.update_critic(data)
+
+
+def test_defect1_split_like_verl_is_veRLs_assertion():
+    with pytest.raises(AssertionError, match="divisible"):
+        split_like_verl(2, 2, 2)  # 1 row per rank, micro-batches of 2: what crashed the first compute_log_prob
+    with pytest.raises(AssertionError):
+        split_like_verl(4, 2, 2, mini=2)  # 2 ranks x 1 row per mini-batch against a micro-batch of 2
+    split_like_verl(8, 2, 2, mini=4)
+
+
+def test_defect1_impossible_batch_combinations_are_refused_naming_keys_and_numbers():
+    run = compose_config("archer_verl", ["micro_batch_size_per_gpu=8"])  # the old shipped default on 8 GPUs
+    with pytest.raises(ConfigError) as info:
+        check_verl_config(build_verl_config(run, True, resolve_paths=False, device="cuda"), True)
+    message = str(info.value)
+    for part in ("actor_rollout_ref.actor.ppo_mini_batch_size=32", "trainer.n_gpus_per_node x trainer.nnodes",
+                 "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", "8 x 1 x 8 = 64", "4 rows"):
+        assert part in message, part
+    run = compose_config("archer_verl", ["critic.ppo_micro_batch_size_per_gpu=8"])
+    with pytest.raises(ConfigError, match=r"critic\.ppo_mini_batch_size=32 .*critic\.ppo_micro_batch_size_per_gpu"):
+        check_verl_config(build_verl_config(run, True, resolve_paths=False, device="cuda"), True)
+    run = compose_config("archer_verl", ["micro_batch_size_per_gpu=8", "verl.actor.use_dynamic_bsz=true",
+                                         "model_path=tiny-random"])  # veRL's critic check reads the model directory
+    check_verl_config(build_verl_config(run, True, device="cuda"), True)  # micro-batches by token budget instead
+
+
+@pytest.mark.parametrize("n_gpus", [1, 2, 4, 8, 16])
+def test_archer_verl_defaults_on_1_2_4_8_gpus_run_or_are_refused_before_ray(n_gpus):
+    """Scenario c: the shipped archer_verl config either fits what veRL asserts (its own splitting, for the
+    rollout rows, a format warm-up batch and an odd row count) or is refused by the config check, naming keys."""
+    from ragen.workers.verl_backend.config import planned_rows_per_step
+
+    nodes, per_node = (2, 8) if n_gpus == 16 else (1, n_gpus)
+    run = load_config(compose_config("archer_verl", [f"trainer.n_gpus_per_node={per_node}", f"trainer.nnodes={nodes}",
+                                                     "model_path=tiny-random"]))  # veRL's critic check reads it
+    vcfg = build_verl_config(run, True, device="cuda")
+    if n_gpus == 16:
+        with pytest.raises(ConfigError, match="ppo_mini_batch_size=32 must be a multiple of .* = 64"):
+            check_verl_config(vcfg, True)
+        return
+    check_verl_config(vcfg, True)
+    micro, mini = run.micro_batch_size_per_gpu, run.ppo_mini_batch_size
+    assert vcfg.data.train_batch_size == planned_rows_per_step(run) == 32
+    for rows in (run.train_rows, 8, 5):  # a rollout, a format warm-up batch (8 envs), a filtered rollout
+        split_like_verl(-(-rows // (n_gpus * micro)) * n_gpus * micro, n_gpus, micro)  # forward passes
+        plan_mini, plan_rows = plan_update_rows(rows, mini, n_gpus, micro)
+        split_like_verl(plan_rows, n_gpus, micro, mini=plan_mini)  # updates
+
+
+def test_defect2_sglang_gets_its_seed_key(fake_workers):
+    """SGLang's SamplingParams call the per-request seed `sampling_seed`; vLLM and hf take `seed`."""
+    w = fake_workers
+    prompts = DataProto.from_dict(tensors={"input_ids": torch.tensor([[5, 6], [7, 8]]),
+                                           "attention_mask": torch.ones(2, 2, dtype=torch.long)},
+                                  meta_info={"max_new_tokens": 3, "temperature": 1.0, "do_sample": True, "seed": 11,
+                                             "eos_token_id": PAD})
+    rollout = w.engines.rollout
+    try:
+        for name, key in (("sglang", "sampling_seed"), ("vllm", "seed"), ("hf", "seed")):
+            w.engines.rollout = name
+            w.rollout_client.requests.clear()
+            w.generate(prompts)
+            params = [r[1] for r in w.rollout_client.requests]
+            assert sorted(p[key] for p in params) == [11, 12]
+            assert all(other not in p for p in params for other in {"seed", "sampling_seed"} - {key})
+    finally:
+        w.engines.rollout = rollout
+
+
+def test_defect3_total_training_steps_reach_the_lr_schedulers():
+    from verl.utils.config import omega_conf_to_dataclass
+
+    run = compose_config("archer_verl", ["trainer.total_training_steps=7", "format_warmup.steps=3"])
+    v = build_verl_config(run, True, resolve_paths=False, device="cuda")
+    # one scheduler step per update call: RL steps, plus the actor's format warm-up steps (as ray_trainer.py:447-449)
+    assert omega_conf_to_dataclass(v.actor_rollout_ref.actor.optim).total_training_steps == 10
+    assert omega_conf_to_dataclass(v.critic.optim).total_training_steps == 7
+
+
+def test_defects4_5_device_and_ray_arguments_come_from_the_config(tmp_path, monkeypatch):
+    """start() passes the configured device to veRL's worker group (not "cuda"), gives the workers the CPU
+    platform's environment, and starts Ray with logical GPUs, enough CPUs and veRL's ray_kwargs."""
+    import ray
+    import verl.single_controller.ray as verl_ray
+    from verl.plugin.platform import get_platform, set_platform
+
+    from ragen.workers.verl_backend import cpu_platform
+    from ragen.workers.verl_backend.workers import ray_init_kwargs
+
+    cfg = make_small_config(tmp_path, "trainer.n_gpus_per_node=2", "verl.ray.num_cpus=3",
+                            "verl.overrides=['ray_kwargs.ray_init.log_to_driver=false']", config_name="archer_verl")
+    w = VerlWorkers(cfg, critic_enabled=True, start=False)
+    kwargs = ray_init_kwargs(w.config, w.verl_config, w.engines, w.n_gpus)
+    assert kwargs["num_gpus"] == 2 and kwargs["num_cpus"] >= 3 * 2 and kwargs["log_to_driver"] is False
+    env = kwargs["runtime_env"]["env_vars"]
+    assert env["VERL_PLATFORM"] == "cpu" and env["VERL_ENGINE_DEVICE"] == "cuda"
+    assert set(env["VERL_USE_EXTERNAL_MODULES"].split(",")) == {"ragen.workers.verl_backend.cpu_platform",
+                                                                 "ragen.workers.verl_backend.hf_rollout"}
+    assert str(REPO) == env["PYTHONPATH"].split(os.pathsep)[0]  # the workers import this ragen
+    joined = ray_init_kwargs(load_config(make_small_config(tmp_path, "verl.ray.address=auto",
+                                                           config_name="archer_verl")), w.verl_config, w.engines, 2)
+    assert joined["address"] == "auto" and "num_gpus" not in joined and "num_cpus" not in joined
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class Pools:
+        def __init__(self, resource_pool_spec, mapping):
+            seen["pools"] = resource_pool_spec
+
+        def create_resource_pool(self):
+            pass
+
+        def get_resource_pool(self, role):
+            return "pool"
+
+    def group(**kwargs):
+        seen["group"] = kwargs
+        raise Stop
+
+    for name in cpu_platform.ENV_VARS:  # activate() sets them; restored after the test
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.setdefault("init", kw))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 2.0, "CPU": 10.0})
+    monkeypatch.setattr(verl_ray, "ResourcePoolManager", Pools)
+    monkeypatch.setattr(verl_ray, "RayWorkerGroup", group)
+    platform = get_platform()
+    try:
+        with pytest.raises(Stop):
+            w.start()
+    finally:
+        set_platform(platform)
+    assert seen["init"]["num_gpus"] == 2 and seen["pools"] == {"global_pool": [2]}
+    assert seen["group"]["device_name"] == "cpu"  # veRL's trainer passes config.trainer.device (ray_trainer.py:868)
+    assert seen["group"]["worker_env"]["VERL_PLATFORM"] == "cpu"
+
+
+def test_defect6_strategy_follows_the_device(tmp_path):
+    from ragen.workers.verl_backend.config import resolve_engines
+
+    run = load_config(make_small_config(tmp_path, config_name="archer_verl"))  # trainer.device=cpu
+    assert (resolve_engines(run).strategy, resolve_engines(run).rollout) == ("fsdp2", "hf")
+    assert (resolve_engines(run, "cuda").strategy, resolve_engines(run, "cuda").rollout) == ("fsdp", "vllm")
+    v = build_verl_config(run, True, resolve_paths=False)
+    assert {v.actor_rollout_ref.actor.strategy, v.actor_rollout_ref.ref.fsdp_config.strategy, v.critic.strategy,
+            v.critic.fsdp.strategy} == {"fsdp2"}
+    assert v.trainer.device == "cpu" and v.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
+    with pytest.raises(ConfigError, match=r"verl\.strategy=fsdp .*fsdp2"):
+        load_config(make_small_config(tmp_path, "verl.strategy=fsdp", config_name="archer_verl"))
+    with pytest.raises(ConfigError, match=r"actor_rollout_ref\.rollout\.name=vllm"):
+        load_config(make_small_config(tmp_path, "actor_rollout_ref.rollout.name=vllm", config_name="archer_verl"))
 
 
 # ------------------------------------------------------------------------------------------------ device refusals
