@@ -174,8 +174,9 @@ def is_active() -> bool:
 def activate() -> dict[str, str]:
     """Make this process (the driver) use the CPU platform and return the environment the workers need.
 
-    Sets the variables of :data:`ENV_VARS` here, replaces veRL's platform singleton (it may already have been
-    resolved to the CUDA fallback by an earlier import) and applies the work-arounds.
+    Sets the variables of :data:`ENV_VARS` here and replaces veRL's platform singleton (it may already have been
+    resolved to the CUDA fallback by an earlier import).  The driver builds no engine: the work-arounds are
+    applied in the workers only.
     """
     from verl.plugin.platform import get_platform, set_platform
 
@@ -183,7 +184,6 @@ def activate() -> dict[str, str]:
     os.environ.update(ENV_VARS)
     if not isinstance(get_platform(), PlatformCPU):
         set_platform(PlatformCPU())
-    apply_workarounds()
     return dict(ENV_VARS)
 
 
