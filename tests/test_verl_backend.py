@@ -549,6 +549,9 @@ def test_defect6_strategy_follows_the_device(tmp_path):
     assert {v.actor_rollout_ref.actor.strategy, v.actor_rollout_ref.ref.fsdp_config.strategy, v.critic.strategy,
             v.critic.fsdp.strategy} == {"fsdp2"}
     assert v.trainer.device == "cpu" and v.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
+    if not torch.cuda.is_available():  # trainer.device=auto without CUDA picks the CPU platform
+        auto = load_config(make_small_config(tmp_path, "trainer.device=auto", config_name="archer_verl"))
+        assert (resolve_engines(auto).device, resolve_engines(auto).strategy) == ("cpu", "fsdp2")
     with pytest.raises(ConfigError, match=r"verl\.strategy=fsdp .*fsdp2"):
         load_config(make_small_config(tmp_path, "verl.strategy=fsdp", config_name="archer_verl"))
     with pytest.raises(ConfigError, match=r"actor_rollout_ref\.rollout\.name=vllm"):
