@@ -19,8 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Union, get_args, get_ori
 from omegaconf import II, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "check_section", "to_dictconfig", "resolve_device",
-           "check_verl_device"]
+__all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "check_section", "to_dictconfig",
+           "resolve_device", "check_verl_device"]
 
 
 class ConfigError(ValueError):

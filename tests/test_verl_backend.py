@@ -281,7 +281,8 @@ class FakeGroup:
         from verl.utils import tensordict_utils as tu
 
         if self.micro is not None:
-            split_like_verl(len(td), self.dp, self.micro, mini=tu.get(td, "mini_batch_size"), epochs=tu.get(td, "epochs"))
+            split_like_verl(len(td), self.dp, self.micro, mini=tu.get(td, "mini_batch_size"),
+                            epochs=tu.get(td, "epochs"))
         self.inputs[call] = td
         return tu.get_tensordict({}, {"metrics": {f"{prefix}loss": [0.5, 0.25], "mfu": [0.1], "grad_norm": 2.0}})
 
@@ -378,7 +379,7 @@ def test_policy_backbone_is_refused_before_anything_starts():
         VerlWorkers(cfg, critic_enabled=True, start=False)
 
 
-# ------------------------------------------------------------------------------------------------ defects found by the real workers
+# ------------------------------------------------------------------------------------------------ defects (real workers)
 # ../shared/VERL_ON_CPU.md section "Defects": each has a regression test below (they fail on the code before the fix).
 def test_defect1_every_rank_gets_whole_micro_batches(tmp_path):
     """Forward passes padded to dp x micro rows, updates planned in mini-batches of whole micro-batches per rank:

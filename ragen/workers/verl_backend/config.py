@@ -12,7 +12,7 @@ import operator
 import os
 from typing import Any, Iterable
 
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ragen.config import ConfigError, RunConfig, check_verl_device, load_config, resolve_device
 from ragen.workers.verl_backend.layout import plan_update_rows
@@ -209,7 +209,7 @@ def _derived(cfg: RunConfig, engines: VerlEngines, critic_enabled: bool, resolve
         values["critic.model.override_config"] = {"attn_implementation": "sdpa"}
         # torch.compile of the entropy kernel costs ~15 s of CPU compilation per process for nothing measurable
         values.update({f"{key}.use_torch_compile": False for key in _ENGINE_KEYS})
-        values.update({"actor_rollout_ref.actor.use_torch_compile": False, "actor_rollout_ref.ref.use_torch_compile": False})
+        values.update({f"actor_rollout_ref.{role}.use_torch_compile": False for role in ("actor", "ref")})
     if engines.rollout == "hf" and cfg.lora.rank > 0:
         values["actor_rollout_ref.model.lora.merge"] = True  # the hf server takes full (merged) weights
     return values
@@ -251,10 +251,6 @@ def _has_key(cfg: DictConfig, dotted: str) -> bool:
     parent, _, leaf = dotted.rpartition(".")
     node = OmegaConf.select(cfg, parent) if parent else cfg
     return isinstance(node, DictConfig) and leaf in list(node.keys())  # `in node` is False for ??? values
-
-
-def _plain(x: Any) -> Any:
-    return OmegaConf.to_container(x, resolve=True) if isinstance(x, (DictConfig, ListConfig)) else x
 
 
 def check_verl_config(verl_config: DictConfig, critic_enabled: bool, build_models: bool = False) -> None:

@@ -180,7 +180,6 @@ class HFServer:
         self._pending: list[tuple[list[int], Sampling, asyncio.Future]] = []
         self._batcher: Optional[asyncio.Task] = None
         self._last_arrival = 0.0
-        self.weight_updates = 0
 
     # ---- generation
     async def generate(self, prompt_ids: list[int], sampling_params: dict[str, Any], request_id: str,
@@ -248,7 +247,6 @@ class HFServer:
             for name, tensor in state.items():
                 params[name].copy_(tensor.to(params[name].dtype))
         self.engine.clear()
-        self.weight_updates += 1
         return len(state)
 
     def weight_checksum(self) -> float:
