@@ -559,6 +559,24 @@ def test_defect6_strategy_follows_the_device(tmp_path):
         load_config(make_small_config(tmp_path, "actor_rollout_ref.rollout.name=vllm", config_name="archer_verl"))
 
 
+def test_gpu_token_critic_without_flash_attention_is_refused_before_ray(tmp_path, monkeypatch):
+    """veRL loads the GPU critic with FlashAttention 2 hard-coded: without flash_attn, say so before Ray starts;
+    the actor falls back to sdpa by config."""
+    import ragen.workers.verl_backend.config as verl_config
+    import ragen.workers.verl_backend.workers as verl_workers
+
+    monkeypatch.setattr(verl_config, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(verl_config, "flash_attention_installed", lambda: False)
+    monkeypatch.setattr(verl_workers, "flash_attention_installed", lambda: False)
+    cfg = make_small_config(tmp_path, "trainer.device=auto", "trainer.n_gpus_per_node=1", config_name="archer_verl")
+    with pytest.raises(ConfigError, match=r"flash_attn .*critic\.enable=false"):
+        VerlWorkers(cfg, start=False)
+    w = VerlWorkers(make_small_config(tmp_path, "trainer.device=auto", "trainer.n_gpus_per_node=1", "critic.enable=false",
+                                      "archer.alpha=0", config_name="archer_verl"), start=False)
+    assert w.engines.device == "cuda" and w.engines.rollout == "vllm" and w.engines.strategy == "fsdp"
+    assert w.verl_config.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
+
+
 # ------------------------------------------------------------------------------------------------ device refusals
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("overrides, key", [

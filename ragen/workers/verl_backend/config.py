@@ -162,6 +162,12 @@ def verl_default_config(overrides: Iterable[str] = ()) -> DictConfig:
         restore_gh_from_backup(backup)
 
 
+def flash_attention_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def _ours(cfg: RunConfig, key: str) -> Any:
     value = operator.attrgetter(key)(cfg)
     return list(value) if isinstance(value, (list, tuple)) else value
@@ -203,10 +209,11 @@ def _derived(cfg: RunConfig, engines: VerlEngines, critic_enabled: bool, resolve
         "trainer.logger": ["console"],
         "trainer.resume_mode": "disable",  # our trainer resumes (AgentTrainer.fit)
     })
-    if engines.cpu:
-        # FlashAttention 2 (veRL's default, verl/workers/config/model.py:185) needs CUDA
+    if engines.cpu or not flash_attention_installed():
+        # FlashAttention 2 (veRL's default, verl/workers/config/model.py:185) needs CUDA and the flash_attn package
         values["actor_rollout_ref.model.override_config"] = {"attn_implementation": "sdpa"}
         values["critic.model.override_config"] = {"attn_implementation": "sdpa"}
+    if engines.cpu:
         # torch.compile of the entropy kernel costs ~15 s of CPU compilation per process for nothing measurable
         values.update({f"{key}.use_torch_compile": False for key in _ENGINE_KEYS})
         values.update({f"actor_rollout_ref.{role}.use_torch_compile": False for role in ("actor", "ref")})
@@ -286,14 +293,16 @@ def check_verl_config(verl_config: DictConfig, critic_enabled: bool, build_model
         if critic_enabled:
             checks.append(("critic", cfg.critic.ppo_mini_batch_size, cfg.critic.ppo_micro_batch_size_per_gpu))
         for section, mini, micro in checks:
-            unit = n_gpus * int(micro)
-            if int(mini) % unit:
+            mini, micro, unit = int(mini), int(micro), n_gpus * int(micro)
+            if mini % unit:
+                fixes = [f"raise ppo_mini_batch_size to a multiple of {unit}"]
+                if mini % n_gpus == 0:
+                    fixes.append(f"lower micro_batch_size_per_gpu to a divisor of {mini // n_gpus}")
                 raise ConfigError(
                     f"{section}.ppo_mini_batch_size={mini} must be a multiple of trainer.n_gpus_per_node x "
                     f"trainer.nnodes x {section}.ppo_micro_batch_size_per_gpu = {per_node} x {nodes} x {micro} = "
-                    f"{unit}: each of the {n_gpus} ranks takes {int(mini) / n_gpus:g} rows of a mini-batch and veRL "
-                    f"splits them into micro-batches of {micro}. Raise ppo_mini_batch_size to a multiple of {unit} or "
-                    f"lower micro_batch_size_per_gpu to a divisor of {int(mini) // n_gpus or 1}, or set "
+                    f"{unit}: each of the {n_gpus} ranks takes {mini / n_gpus:g} rows of a mini-batch and veRL "
+                    f"splits them into micro-batches of {micro}. Either {' or '.join(fixes)}, or set "
                     "verl.actor.use_dynamic_bsz=true")
     verl_validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=bool(critic_enabled))
     omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)

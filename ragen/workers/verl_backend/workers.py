@@ -29,7 +29,8 @@ from verl import DataProto
 
 from ragen.config import ConfigError, RunConfig, load_config
 from ragen.workers.protocol import Sampling
-from ragen.workers.verl_backend.config import build_verl_config, check_verl_config, resolve_engines
+from ragen.workers.verl_backend.config import (build_verl_config, check_verl_config, flash_attention_installed,
+                                               resolve_engines)
 from ragen.workers.verl_backend.layout import from_verl_batch, plan_update_rows, to_verl_batch
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,10 @@ class VerlWorkers:
         if cfg.utterance_critic_enabled and cfg.archer.critic.backbone == "policy":
             raise ConfigError(_NO_ENCODER)
         self.engines = resolve_engines(cfg)
+        if self.critic_enabled and not self.engines.cpu and not flash_attention_installed():
+            raise ConfigError("the token critic on GPUs needs the flash_attn package: veRL 0.9.1 loads the value model "
+                              "with FlashAttention 2 hard-coded (verl/utils/model.py:641-649). Install it "
+                              "(pip install flash-attn --no-build-isolation) or set critic.enable=false")
         self.verl_config = build_verl_config(cfg, self.critic_enabled, device=self.engines.device)
         check_verl_config(self.verl_config, self.critic_enabled)
 
