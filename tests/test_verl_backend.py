@@ -494,6 +494,7 @@ def test_defects4_5_device_and_ray_arguments_come_from_the_config(tmp_path, monk
     w = VerlWorkers(cfg, critic_enabled=True, start=False)
     kwargs = ray_init_kwargs(w.config, w.verl_config, w.engines, w.n_gpus)
     assert kwargs["num_gpus"] == 2 and kwargs["num_cpus"] >= 3 * 2 and kwargs["log_to_driver"] is False
+    assert kwargs["include_dashboard"] is False and kwargs["_system_config"] == {"worker_niceness": 0}
     env = kwargs["runtime_env"]["env_vars"]
     assert env["VERL_PLATFORM"] == "cpu" and env["VERL_ENGINE_DEVICE"] == "cuda"
     assert set(env["VERL_USE_EXTERNAL_MODULES"].split(",")) == {"ragen.workers.verl_backend.cpu_platform",

@@ -92,6 +92,8 @@ def ray_init_kwargs(cfg: RunConfig, verl_config: Any, engines, n_gpus: int) -> d
         init.setdefault("num_gpus", n_gpus)
         init["num_cpus"] = max(int(init.get("num_cpus") or 0), _CPUS_PER_WORKER * n_gpus + _SPARE_CPUS)
         init.setdefault("include_dashboard", False)
+        # Ray starts workers at niceness 15; on the CPU platform they do all the model compute
+        init.setdefault("_system_config", {}).setdefault("worker_niceness", 0)
     return init
 
 
