@@ -250,6 +250,4 @@ def apply_workarounds() -> None:
 # platform before anything asks veRL for it, then patch (the patched modules import verl's own, already loaded).
 register()
 if is_active():
-    from ragen.workers.verl_backend import hf_rollout  # noqa: E402,F401  (registers the `hf` rollout)
-
     apply_workarounds()
