@@ -170,8 +170,11 @@ class HFServer:
 
         self.config, self.replica_rank = config, replica_rank
         path = str(model_config.path)
-        threads = int(os.environ.get("RAGEN_HF_ROLLOUT_THREADS", "0")) or (os.cpu_count() or 1)
-        torch.set_num_threads(threads)
+        # generation runs while the FSDP workers wait: this node's cores, shared by its replicas
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        per_replica = (config.tensor_model_parallel_size * config.data_parallel_size
+                       * config.pipeline_model_parallel_size)
+        torch.set_num_threads(max(1, cores // max(1, config.n_gpus_per_node // per_replica)))
         self.model = load_rollout_model(path, config.dtype)
         tokenizer = load_tokenizer(path)
         self.default_eos = [int(tokenizer.eos_token_id)]

@@ -49,8 +49,9 @@ _NO_ENCODER = (
 _CPUS_PER_WORKER, _SPARE_CPUS = 3, 4
 
 
-def worker_env(engines) -> dict[str, str]:
-    """Environment of veRL's worker processes: this ``ragen`` on the path, the CPU platform, the ``hf`` rollout."""
+def worker_env(engines, n_workers: int = 1) -> dict[str, str]:
+    """Environment of veRL's worker processes: this ``ragen`` on the path, the CPU platform (with the machine's
+    cores shared among the ``n_workers`` worker processes; Ray would give each one thread), the ``hf`` rollout."""
     import ragen
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(ragen.__file__)))
@@ -61,6 +62,8 @@ def worker_env(engines) -> dict[str, str]:
 
         env.update(cpu_platform.ENV_VARS)
         modules.append(cpu_platform.__name__)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // max(1, n_workers)))
     if engines.rollout == "hf":
         modules.append("ragen.workers.verl_backend.hf_rollout")
     if modules:
@@ -82,7 +85,7 @@ def ray_init_kwargs(cfg: RunConfig, verl_config: Any, engines, n_gpus: int) -> d
     init = plain(OmegaConf.to_container(verl_config.ray_kwargs.ray_init, resolve=True))
     runtime_env = plain(OmegaConf.to_container(OmegaConf.merge(get_ppo_ray_runtime_env(verl_config),
                                                                init.pop("runtime_env", {})), resolve=True))
-    runtime_env.setdefault("env_vars", {}).update(worker_env(engines))
+    runtime_env.setdefault("env_vars", {}).update(worker_env(engines, n_gpus))
     init["runtime_env"] = runtime_env
     if cfg.verl.ray.address:
         init["address"] = cfg.verl.ray.address
@@ -252,7 +255,7 @@ class VerlWorkers:
             ray_cls_with_init=create_colocated_worker_cls(class_dict=specs),
             device_name=self.engines.device,  # as veRL's trainer passes config.trainer.device (ray_trainer.py:868)
             ray_wait_register_center_timeout=int(cfg.trainer.ray_wait_register_center_timeout),
-            worker_env=worker_env(self.engines),
+            worker_env=worker_env(self.engines, self.n_gpus),
         )
         groups = group.spawn(prefix_set=specs.keys())
         if self.critic_enabled:
