@@ -26,7 +26,7 @@ from ragen.trainer.core_algos import check_estimator, register_with_verl
 from ragen.trainer.text_encoders import check_backbone
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "check_section", "to_dictconfig",
-           "resolve_device"]
+           "resolve_device", "check_verl_device"]
 
 
 class ConfigError(ValueError):
@@ -201,8 +201,8 @@ class ValKwargsConfig:
 
 @dataclass
 class RolloutConfig:
-    name: str = key("auto", "generation engine: auto | hf (transformers) | vllm (GPUs, verl backend)",
-                    one_of("auto", "hf", "vllm", "sglang"))
+    name: str = key("auto", "verl backend's rollout engine: auto (vllm on GPUs, hf on CPU) | hf (transformers) | "
+                            "vllm | sglang (GPUs)", one_of("auto", "hf", "vllm", "sglang"))
     response_length: int = key(64, "max new tokens per turn", at_least(1))
     temperature: float = key(1.0, "sampling temperature of training rollouts", NON_NEGATIVE)
     top_p: float = key(1.0, "nucleus sampling", UNIT)
@@ -311,7 +311,8 @@ def _default_envs() -> Dict[str, EnvSpec]:
 @dataclass
 class TrainerConfig:
     backend: str = key("local", "local (in-process) | verl (veRL's Ray worker groups)", one_of("local", "verl"))
-    device: str = key("auto", "auto | cpu | cuda", one_of("auto", "cpu", "cuda"))
+    device: str = key("auto", "auto (cuda when visible, else cpu) | cpu | cuda; verl backend: cpu runs veRL's workers "
+                              "on CPU processes", one_of("auto", "cpu", "cuda"))
     precision: str = key("auto", "auto (the faster of bf16 and fp32, measured on this machine) | bf16 | fp32",
                          one_of("auto", "bf16", "fp32"))
     project_name: str = key("ragen_archer", "project name (loggers, output directory)")
@@ -339,7 +340,8 @@ class VerlRolloutConfig:
     enforce_eager: bool = key(False, "true = no CUDA graphs (less memory, slower decoding)")
     max_num_seqs: int = key(256, "sequences the rollout server batches at most", at_least(1))
     max_num_batched_tokens: int = key(8192, "tokens the rollout server batches at most", at_least(1))
-    dtype: str = key("bfloat16", "rollout server weights", one_of("bfloat16", "float16", "float32"))
+    dtype: str = key("auto", "rollout server weights: auto (bfloat16, float32 when the trainer runs fp32) | bfloat16 "
+                             "| float16 | float32", one_of("auto", "bfloat16", "float16", "float32"))
 
 
 @dataclass
@@ -373,7 +375,8 @@ class VerlRayConfig:
 
 @dataclass
 class VerlConfig:
-    strategy: str = key("fsdp", "engine of actor, reference and critic", one_of("fsdp", "fsdp2"))
+    strategy: str = key("auto", "engine of actor, reference and critic: auto (fsdp on GPUs, fsdp2 on CPU) | fsdp | "
+                                "fsdp2", one_of("auto", "fsdp", "fsdp2"))
     max_prompt_length: int = key(4096, "longest dialogue context (tokens) one generate call may get",
                                  at_least(1))
     rollout: VerlRolloutConfig = group(VerlRolloutConfig)
@@ -604,6 +607,8 @@ def _check_relations(cfg: RunConfig) -> None:
                           f"(null or >= agent_proxy.max_turn={cfg.agent_proxy.max_turn})")
     if not cfg.agent_proxy.action_sep.strip():
         raise ConfigError("agent_proxy.action_sep must not be blank")
+    if cfg.trainer.backend == "verl" and cfg.trainer.device != "auto":
+        check_verl_device(cfg, cfg.trainer.device)
     unknown = sorted(set(cfg.trainer.logger) - set(Tracking.supported_backend))
     if unknown:
         raise ConfigError(f"trainer.logger: unknown backend(s) {unknown}; allowed: "
@@ -617,3 +622,15 @@ def resolve_device(requested: str) -> str:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
     return requested
+
+
+def check_verl_device(cfg: RunConfig, device: str) -> None:
+    """verl backend: engine choices that cannot run on ``device`` (``trainer.device`` resolved on this machine)."""
+    if device != "cpu":
+        return
+    if cfg.verl.strategy == "fsdp":
+        raise ConfigError("verl.strategy=fsdp (FSDP1) cannot run veRL's workers on a CPU (trainer.device=cpu): it "
+                          "refuses CPU parameters; use verl.strategy=fsdp2 or auto")
+    if cfg.actor_rollout_ref.rollout.name in ("vllm", "sglang"):
+        raise ConfigError(f"actor_rollout_ref.rollout.name={cfg.actor_rollout_ref.rollout.name} needs GPUs; with "
+                          "trainer.device=cpu use actor_rollout_ref.rollout.name=hf (or auto)")

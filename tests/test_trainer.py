@@ -219,12 +219,14 @@ def test_unknown_env_tag_in_train(small_config, no_models):
         AgentTrainer(cfg)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the verl backend is refused only where there is no GPU")
-def test_verl_backend_refused_without_gpu(small_config, no_models):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU engines are refused only where there is no GPU")
+def test_verl_backend_refuses_gpu_engines_without_gpu(small_config, no_models):
+    """Changed with the issue: trainer.backend=verl runs on a CPU (CPU platform, fsdp2, hf rollout); what needs
+    GPUs is refused with the key named."""
     with pytest.raises(ConfigError) as info:
-        AgentTrainer(small_config("trainer.backend=verl"))
-    assert "trainer.backend=verl" in str(info.value)
-    assert "trainer.backend=local" in str(info.value)
+        AgentTrainer(small_config("trainer.backend=verl", "trainer.device=auto", "actor_rollout_ref.rollout.name=vllm"))
+    assert "actor_rollout_ref.rollout.name=vllm" in str(info.value)
+    assert "actor_rollout_ref.rollout.name=hf" in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------------ 5. train.py

@@ -1,7 +1,8 @@
-"""The veRL backend on a CPU machine: configs, the layout conversion, veRL's own checks and helpers, the
-worker plumbing against stand-in worker groups, the CPU refusal, and the top-level ``verl/`` folder.
+"""The veRL backend without Ray: configs, the layout conversion, veRL's own checks and helpers, the batch plan
+against veRL's own assertions, the worker plumbing against stand-in worker groups, the regression tests of the
+defects veRL's real workers exposed (../shared/VERL_ON_CPU.md), and the top-level ``verl/`` folder.
 
-Nothing here starts Ray or needs a GPU; what only a GPU cluster can show is listed in docs/scaling.md.
+Nothing here starts Ray; the runs against veRL's real workers are in tests/test_verl_ray.py.
 """
 from __future__ import annotations
 
@@ -70,11 +71,17 @@ def test_archer_verl_composes_validates_and_passes_verls_checks():
     assert cfg.trainer.backend == "verl" and cfg.algorithm.adv_estimator == "archer"
     assert cfg.actor_rollout_ref.rollout.name == "auto" and cfg.critic.enable is True
     load_config(cfg)  # ours
-    for nodes in (1, 2):  # the shipped 1 x 8 and 2 x 8 layouts (veRL's critic check reads the model directory)
-        run = compose_config("archer_verl", [f"trainer.nnodes={nodes}", "model_path=tiny-random"])
-        vcfg = build_verl_config(run, critic_enabled=True)
-        assert vcfg.trainer.n_gpus_per_node == 8 and vcfg.trainer.nnodes == nodes
-        check_verl_config(vcfg, critic_enabled=True)  # veRL's validate_config + its dataclasses
+    # the shipped 1 x 8 layout, and 2 x 8 with the micro-batch the docs name (veRL's critic check reads the model)
+    for nodes, extra in ((1, []), (2, ["micro_batch_size_per_gpu=2"])):
+        run = compose_config("archer_verl", [f"trainer.nnodes={nodes}", "model_path=tiny-random", *extra])
+        for device in ("cuda", "cpu"):
+            vcfg = build_verl_config(run, critic_enabled=True, device=device)
+            assert vcfg.trainer.n_gpus_per_node == 8 and vcfg.trainer.nnodes == nodes
+            check_verl_config(vcfg, critic_enabled=True)  # veRL's validate_config + its dataclasses
+    # changed with the issue: 2 x 8 ranks cannot split 32-row mini-batches into micro-batches of 4
+    with pytest.raises(ConfigError, match=r"ppo_mini_batch_size=32 .* 8 x 2 x 4 = 64"):
+        check_verl_config(build_verl_config(compose_config("archer_verl", ["trainer.nnodes=2"]), True,
+                                            resolve_paths=False, device="cuda"), True)
 
 
 def test_our_keys_reach_verl():
@@ -87,7 +94,7 @@ def test_our_keys_reach_verl():
         "verl.actor.param_offload=true", "actor_rollout_ref.actor.policy_loss=reinforce",
         "verl.overrides=['actor_rollout_ref.rollout.enforce_eager=true']",
     ])
-    v = build_verl_config(run, critic_enabled=True)
+    v = build_verl_config(run, critic_enabled=True, device="cuda")  # as on a GPU machine
     a, r, c = v.actor_rollout_ref.actor, v.actor_rollout_ref.rollout, v.critic
     assert os.path.isfile(os.path.join(v.actor_rollout_ref.model.path, "config.json"))  # alias resolved
     assert (a.optim.lr, c.optim.lr, a.clip_ratio_low, a.clip_ratio_high) == (3e-6, 2e-5, 0.2, 0.3)
@@ -102,7 +109,7 @@ def test_our_keys_reach_verl():
 def test_verl_checks_name_the_key():
     run = compose_config("archer_verl", ["ppo_mini_batch_size=12"])  # 12 rows cannot split over 8 GPUs
     with pytest.raises(ValueError, match="ppo_mini_batch_size"):
-        check_verl_config(build_verl_config(run, True, resolve_paths=False), True)
+        check_verl_config(build_verl_config(run, True, resolve_paths=False, device="cuda"), True)
 
 
 def test_verl_defaults_compose_inside_a_running_hydra_app():
@@ -187,6 +194,12 @@ def test_update_row_plan():
     assert plan_update_rows(40, 16, 8) == (16, 48)
     assert plan_update_rows(2, 4, 4) == (4, 4)
     assert plan_update_rows(3, 2, 4) == (4, 4)       # a mini-batch is at least one row per rank
+    # with the micro-batch (defect 1 of VERL_ON_CPU.md): mini-batches in whole micro-batches per rank
+    assert plan_update_rows(32, 32, 8, 4) == (32, 32)
+    assert plan_update_rows(30, 32, 2, 4) == (32, 32)
+    assert plan_update_rows(4, 2, 2, 2) == (4, 4)    # mini 2 over 2 ranks would be 1 row < micro 2
+    assert plan_update_rows(12, 8, 2, 2) == (8, 16)
+    assert plan_update_rows(3, 4, 1, 2) == (4, 4)
 
 
 # ------------------------------------------------------------------------------------------------ veRL's side
@@ -194,7 +207,7 @@ def test_need_critic_and_compute_advantage_for_archer():
     from verl.trainer.ppo.ray_trainer import compute_advantage
     from verl.trainer.ppo.utils import need_critic
 
-    vcfg = build_verl_config(compose_config("archer_verl"), critic_enabled=True, resolve_paths=False)
+    vcfg = build_verl_config(compose_config("archer_verl"), critic_enabled=True, resolve_paths=False, device="cuda")
     assert need_critic(vcfg) is True  # critic.enable=true in config/archer.yaml
     vb = to_verl_batch(hand_batch(), PAD)
     with pytest.raises(MissingValuesError, match="archer"):  # veRL passes custom estimators no values
@@ -213,11 +226,33 @@ class FakeCheckpointManager:
         self.calls.append(("update_weights", global_steps))
 
 
-class FakeGroup:
-    """Stands in for a RayWorkerGroup: `log_probs` / `values` = the next token id of the packed stream."""
+def split_like_verl(rows: int, dp: int, micro: int, mini: int | None = None, epochs: int = 1) -> None:
+    """What veRL's workers do with ``rows`` rows before any model runs, with veRL's own assertions: the dispatch
+    split over ``dp`` ranks (``tu.chunk_tensordict``), for an update each rank's ``mini / dp`` rows per mini-batch
+    (``engine_workers.py:253-263``: ``tu.make_iterator``), then micro-batches of ``micro`` rows
+    (``verl/workers/engine/utils.py:123-125``: ``prepare_micro_batches``)."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine.utils import prepare_micro_batches
 
-    def __init__(self, dp: int):
-        self.dp, self._dispatch_info, self.inputs = dp, {}, {}
+    td = TensorDict({"row": torch.arange(rows)}, batch_size=[rows])
+    for share in tu.chunk_tensordict(td, dp):
+        if mini is None:
+            batches = [share]
+        else:
+            assert mini % dp == 0, f"Got mini_batch_size={mini} and dp={dp}"  # engine_workers.py:253-256
+            batches = list(tu.make_iterator(share, mini_batch_size=mini // dp, epochs=epochs))
+        for batch in batches:
+            tu.assign_non_tensor(batch, micro_batch_size_per_gpu=micro, use_dynamic_bsz=False)
+            prepare_micro_batches(batch)
+
+
+class FakeGroup:
+    """Stands in for a RayWorkerGroup: `log_probs` / `values` = the next token id of the packed stream; with
+    ``micro`` every call first goes through veRL's own row splitting and its assertions (:func:`split_like_verl`)."""
+
+    def __init__(self, dp: int, micro: int | None = None):
+        self.dp, self.micro, self._dispatch_info, self.inputs = dp, micro, {}, {}
 
     def _query_dispatch_info(self, mesh):
         return [rank % self.dp for rank in range(self.dp)]
@@ -226,6 +261,8 @@ class FakeGroup:
         from verl.utils import tensordict_utils as tu
 
         assert len(td) % self.dp == 0, "rows must split evenly over the ranks"
+        if self.micro is not None:
+            split_like_verl(len(td), self.dp, self.micro)
         self.inputs[call] = td
         offsets = td["input_ids"].offsets()
         nxt = torch.nested.nested_tensor_from_jagged(torch.roll(td["input_ids"].values().float(), -1), offsets=offsets)
@@ -243,6 +280,9 @@ class FakeGroup:
     def _metrics(self, td, call, prefix):
         from verl.utils import tensordict_utils as tu
 
+        if self.micro is not None:
+            split_like_verl(len(td), self.dp, self.micro, mini=tu.get(td, "mini_batch_size"),
+                            epochs=tu.get(td, "epochs"))
         self.inputs[call] = td
         return tu.get_tensordict({}, {"metrics": {f"{prefix}loss": [0.5, 0.25], "mfu": [0.1], "grad_norm": 2.0}})
 
@@ -266,7 +306,9 @@ class FakeClient:
 
 @pytest.fixture(scope="module")
 def fake_workers(tmp_path_factory):
-    cfg = make_small_config(tmp_path_factory.mktemp("verl"), "trainer.n_gpus_per_node=4", config_name="archer_verl")
+    # micro 1: 4 ranks x 1 row (the tiny mini-batch of 4 rows must split over 4 ranks in whole micro-batches)
+    cfg = make_small_config(tmp_path_factory.mktemp("verl"), "trainer.n_gpus_per_node=4", "micro_batch_size_per_gpu=1",
+                            config_name="archer_verl")
     workers = VerlWorkers(cfg, critic_enabled=True, start=False)
     workers.actor_rollout_wg, workers.critic_wg = FakeGroup(4), FakeGroup(4)
     workers.checkpoint_manager, workers.rollout_client = FakeCheckpointManager(), FakeClient()
@@ -279,8 +321,8 @@ def test_worker_specs_build_without_a_cluster(fake_workers):
     specs = fake_workers.worker_specs()
     critic_cfg = specs.pop("_critic_config")
     assert set(specs) == {"actor_rollout", "critic"}
-    assert critic_cfg.ppo_micro_batch_size_per_gpu == 2
-    assert specs["critic"].kwargs["config"].engine_config.micro_batch_size_per_gpu == 2
+    assert critic_cfg.ppo_micro_batch_size_per_gpu == 1
+    assert specs["critic"].kwargs["config"].engine_config.micro_batch_size_per_gpu == 1
     create_colocated_worker_cls(class_dict=specs)  # the colocated actor class veRL would place on each GPU
 
 
@@ -337,9 +379,217 @@ def test_policy_backbone_is_refused_before_anything_starts():
         VerlWorkers(cfg, critic_enabled=True, start=False)
 
 
-# ------------------------------------------------------------------------------------------------ CPU refusal
+# ------------------------------------------------------------------------------------------------ defects (real workers)
+# ../shared/VERL_ON_CPU.md section "Defects": each has a regression test below (they fail on the code before the fix).
+def test_defect1_every_rank_gets_whole_micro_batches(tmp_path):
+    """Forward passes padded to dp x micro rows, updates planned in mini-batches of whole micro-batches per rank:
+    veRL's own splitting and assertions (split_like_verl) accept every call."""
+    cfg = make_small_config(tmp_path, "trainer.n_gpus_per_node=2", config_name="archer_verl")  # micro 2, mini 4
+    w = VerlWorkers(cfg, critic_enabled=True, start=False)
+    w.actor_rollout_wg, w.critic_wg = FakeGroup(2, micro=2), FakeGroup(2, micro=2)
+    w.checkpoint_manager, w.rollout_client = FakeCheckpointManager(), FakeClient()
+    for rows in (1, 2, 3):  # 1 and 3 rows: a rank would get 1 row (or none) against a micro-batch of 2
+        data = hand_batch()[[r % 2 for r in range(rows)]]
+        assert w.compute_log_probs(data).batch["old_log_probs"].shape[0] == rows
+        assert len(w.actor_rollout_wg.inputs["compute_log_prob"]) == 4
+        assert w.compute_values(data).batch["values"].shape[0] == rows
+        w.update_actor(data)
+        td = w.actor_rollout_wg.inputs["update_actor"]
+        from verl.utils import tensordict_utils as tu
+
+        assert len(td) == 4 and tu.get(td, "mini_batch_size") == 4
+        assert td["response_mask"][rows:].sum() == 0  # the padding rows carry no loss
+        w.update_critic(data)
+
+
+def test_defect1_split_like_verl_is_veRLs_assertion():
+    with pytest.raises(AssertionError, match="divisible"):
+        split_like_verl(2, 2, 2)  # 1 row per rank, micro-batches of 2: what crashed the first compute_log_prob
+    with pytest.raises(AssertionError):
+        split_like_verl(4, 2, 2, mini=2)  # 2 ranks x 1 row per mini-batch against a micro-batch of 2
+    split_like_verl(8, 2, 2, mini=4)
+
+
+def test_defect1_impossible_batch_combinations_are_refused_naming_keys_and_numbers():
+    run = compose_config("archer_verl", ["micro_batch_size_per_gpu=8"])  # the old shipped default on 8 GPUs
+    with pytest.raises(ConfigError) as info:
+        check_verl_config(build_verl_config(run, True, resolve_paths=False, device="cuda"), True)
+    message = str(info.value)
+    for part in ("actor_rollout_ref.actor.ppo_mini_batch_size=32", "trainer.n_gpus_per_node x trainer.nnodes",
+                 "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", "8 x 1 x 8 = 64", "4 rows"):
+        assert part in message, part
+    run = compose_config("archer_verl", ["critic.ppo_micro_batch_size_per_gpu=8"])
+    with pytest.raises(ConfigError, match=r"critic\.ppo_mini_batch_size=32 .*critic\.ppo_micro_batch_size_per_gpu"):
+        check_verl_config(build_verl_config(run, True, resolve_paths=False, device="cuda"), True)
+    run = compose_config("archer_verl", ["micro_batch_size_per_gpu=8", "verl.actor.use_dynamic_bsz=true",
+                                         "model_path=tiny-random"])  # veRL's critic check reads the model directory
+    check_verl_config(build_verl_config(run, True, device="cuda"), True)  # micro-batches by token budget instead
+
+
+@pytest.mark.parametrize("n_gpus", [1, 2, 4, 8, 16])
+def test_archer_verl_defaults_on_1_2_4_8_gpus_run_or_are_refused_before_ray(n_gpus):
+    """Scenario c: the shipped archer_verl config either fits what veRL asserts (its own splitting, for the
+    rollout rows, a format warm-up batch and an odd row count) or is refused by the config check, naming keys."""
+    from ragen.workers.verl_backend.config import planned_rows_per_step
+
+    nodes, per_node = (2, 8) if n_gpus == 16 else (1, n_gpus)
+    run = load_config(compose_config("archer_verl", [f"trainer.n_gpus_per_node={per_node}", f"trainer.nnodes={nodes}",
+                                                     "model_path=tiny-random"]))  # veRL's critic check reads it
+    vcfg = build_verl_config(run, True, device="cuda")
+    if n_gpus == 16:
+        with pytest.raises(ConfigError, match="ppo_mini_batch_size=32 must be a multiple of .* = 64"):
+            check_verl_config(vcfg, True)
+        return
+    check_verl_config(vcfg, True)
+    micro, mini = run.micro_batch_size_per_gpu, run.ppo_mini_batch_size
+    assert vcfg.data.train_batch_size == planned_rows_per_step(run) == 32
+    for rows in (run.train_rows, 8, 5):  # a rollout, a format warm-up batch (8 envs), a filtered rollout
+        split_like_verl(-(-rows // (n_gpus * micro)) * n_gpus * micro, n_gpus, micro)  # forward passes
+        plan_mini, plan_rows = plan_update_rows(rows, mini, n_gpus, micro)
+        split_like_verl(plan_rows, n_gpus, micro, mini=plan_mini)  # updates
+
+
+def test_defect2_sglang_gets_its_seed_key(fake_workers):
+    """SGLang's SamplingParams call the per-request seed `sampling_seed`; vLLM and hf take `seed`."""
+    w = fake_workers
+    prompts = DataProto.from_dict(tensors={"input_ids": torch.tensor([[5, 6], [7, 8]]),
+                                           "attention_mask": torch.ones(2, 2, dtype=torch.long)},
+                                  meta_info={"max_new_tokens": 3, "temperature": 1.0, "do_sample": True, "seed": 11,
+                                             "eos_token_id": PAD})
+    rollout = w.engines.rollout
+    try:
+        for name, key in (("sglang", "sampling_seed"), ("vllm", "seed"), ("hf", "seed")):
+            w.engines.rollout = name
+            w.rollout_client.requests.clear()
+            w.generate(prompts)
+            params = [r[1] for r in w.rollout_client.requests]
+            assert sorted(p[key] for p in params) == [11, 12]
+            assert all(other not in p for p in params for other in {"seed", "sampling_seed"} - {key})
+    finally:
+        w.engines.rollout = rollout
+
+
+def test_defect3_total_training_steps_reach_the_lr_schedulers():
+    from verl.utils.config import omega_conf_to_dataclass
+
+    run = compose_config("archer_verl", ["trainer.total_training_steps=7", "format_warmup.steps=3"])
+    v = build_verl_config(run, True, resolve_paths=False, device="cuda")
+    # one scheduler step per update call: RL steps, plus the actor's format warm-up steps (as ray_trainer.py:447-449)
+    assert omega_conf_to_dataclass(v.actor_rollout_ref.actor.optim).total_training_steps == 10
+    assert omega_conf_to_dataclass(v.critic.optim).total_training_steps == 7
+
+
+def test_defects4_5_device_and_ray_arguments_come_from_the_config(tmp_path, monkeypatch):
+    """start() passes the configured device to veRL's worker group (not "cuda"), gives the workers the CPU
+    platform's environment, and starts Ray with logical GPUs, enough CPUs and veRL's ray_kwargs."""
+    import ray
+    import verl.single_controller.ray as verl_ray
+    from verl.plugin.platform import get_platform, set_platform
+
+    from ragen.workers.verl_backend import cpu_platform
+    from ragen.workers.verl_backend.workers import ray_init_kwargs
+
+    cfg = make_small_config(tmp_path, "trainer.n_gpus_per_node=2", "verl.ray.num_cpus=3",
+                            "verl.overrides=['ray_kwargs.ray_init.log_to_driver=false']", config_name="archer_verl")
+    w = VerlWorkers(cfg, critic_enabled=True, start=False)
+    kwargs = ray_init_kwargs(w.config, w.verl_config, w.engines, w.n_gpus)
+    assert kwargs["num_gpus"] == 2 and kwargs["num_cpus"] >= 3 * 2 and kwargs["log_to_driver"] is False
+    assert kwargs["include_dashboard"] is False and kwargs["_system_config"] == {"worker_niceness": 0}
+    env = kwargs["runtime_env"]["env_vars"]
+    assert env["VERL_PLATFORM"] == "cpu" and env["VERL_ENGINE_DEVICE"] == "cuda"
+    assert set(env["VERL_USE_EXTERNAL_MODULES"].split(",")) == {"ragen.workers.verl_backend.cpu_platform",
+                                                                 "ragen.workers.verl_backend.hf_rollout"}
+    assert str(REPO) == env["PYTHONPATH"].split(os.pathsep)[0]  # the workers import this ragen
+    joined = ray_init_kwargs(load_config(make_small_config(tmp_path, "verl.ray.address=auto",
+                                                           config_name="archer_verl")), w.verl_config, w.engines, 2)
+    assert joined["address"] == "auto" and "num_gpus" not in joined and "num_cpus" not in joined
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class Pools:
+        def __init__(self, resource_pool_spec, mapping):
+            seen["pools"] = resource_pool_spec
+
+        def create_resource_pool(self):
+            pass
+
+        def get_resource_pool(self, role):
+            return "pool"
+
+    def group(**kwargs):
+        seen["group"] = kwargs
+        raise Stop
+
+    for name in cpu_platform.ENV_VARS:  # activate() sets them; restored after the test
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.setdefault("init", kw))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 2.0, "CPU": 10.0})
+    monkeypatch.setattr(verl_ray, "ResourcePoolManager", Pools)
+    monkeypatch.setattr(verl_ray, "RayWorkerGroup", group)
+    platform = get_platform()
+    try:
+        with pytest.raises(Stop):
+            w.start()
+    finally:
+        set_platform(platform)
+    assert seen["init"]["num_gpus"] == 2 and seen["pools"] == {"global_pool": [2]}
+    assert seen["group"]["device_name"] == "cpu"  # veRL's trainer passes config.trainer.device (ray_trainer.py:868)
+    assert seen["group"]["worker_env"]["VERL_PLATFORM"] == "cpu"
+
+
+def test_defect6_strategy_follows_the_device(tmp_path):
+    from ragen.workers.verl_backend.config import resolve_engines
+
+    run = load_config(make_small_config(tmp_path, config_name="archer_verl"))  # trainer.device=cpu
+    assert (resolve_engines(run).strategy, resolve_engines(run).rollout) == ("fsdp2", "hf")
+    assert (resolve_engines(run, "cuda").strategy, resolve_engines(run, "cuda").rollout) == ("fsdp", "vllm")
+    v = build_verl_config(run, True, resolve_paths=False)
+    assert {v.actor_rollout_ref.actor.strategy, v.actor_rollout_ref.ref.fsdp_config.strategy, v.critic.strategy,
+            v.critic.fsdp.strategy} == {"fsdp2"}
+    assert v.trainer.device == "cpu" and v.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
+    if not torch.cuda.is_available():  # trainer.device=auto without CUDA picks the CPU platform
+        auto = load_config(make_small_config(tmp_path, "trainer.device=auto", config_name="archer_verl"))
+        assert (resolve_engines(auto).device, resolve_engines(auto).strategy) == ("cpu", "fsdp2")
+    with pytest.raises(ConfigError, match=r"verl\.strategy=fsdp .*fsdp2"):
+        load_config(make_small_config(tmp_path, "verl.strategy=fsdp", config_name="archer_verl"))
+    with pytest.raises(ConfigError, match=r"actor_rollout_ref\.rollout\.name=vllm"):
+        load_config(make_small_config(tmp_path, "actor_rollout_ref.rollout.name=vllm", config_name="archer_verl"))
+
+
+def test_gpu_token_critic_without_flash_attention_is_refused_before_ray(tmp_path, monkeypatch):
+    """veRL loads the GPU critic with FlashAttention 2 hard-coded: without flash_attn, say so before Ray starts;
+    the actor falls back to sdpa by config."""
+    import ragen.workers.verl_backend.config as verl_config
+    import ragen.workers.verl_backend.workers as verl_workers
+
+    monkeypatch.setattr(verl_config, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(verl_config, "flash_attention_installed", lambda: False)
+    monkeypatch.setattr(verl_workers, "flash_attention_installed", lambda: False)
+    cfg = make_small_config(tmp_path, "trainer.device=auto", "trainer.n_gpus_per_node=1", config_name="archer_verl")
+    with pytest.raises(ConfigError, match=r"flash_attn .*critic\.enable=false"):
+        VerlWorkers(cfg, start=False)
+    w = VerlWorkers(make_small_config(tmp_path, "trainer.device=auto", "trainer.n_gpus_per_node=1", "critic.enable=false",
+                                      "archer.alpha=0", config_name="archer_verl"), start=False)
+    assert w.engines.device == "cuda" and w.engines.rollout == "vllm" and w.engines.strategy == "fsdp"
+    assert w.verl_config.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
+
+
+# ------------------------------------------------------------------------------------------------ device refusals
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_agent_trainer_refuses_verl_on_cpu_before_loading_a_model(small_config, monkeypatch):
+@pytest.mark.parametrize("overrides, key", [
+    (["trainer.device=auto", "actor_rollout_ref.rollout.name=vllm"], r"actor_rollout_ref\.rollout\.name=vllm"),
+    (["trainer.device=auto", "verl.strategy=fsdp"], r"verl\.strategy=fsdp"),
+    (["trainer.device=cpu", "actor_rollout_ref.rollout.name=sglang"], r"actor_rollout_ref\.rollout\.name=sglang"),
+    (["trainer.device=cuda"], r"trainer\.device=cuda"),
+])
+def test_agent_trainer_refuses_what_this_machine_cannot_run_before_loading_a_model(small_config, monkeypatch,
+                                                                                    overrides, key):
+    """Changed with the issue: trainer.backend=verl runs on a CPU (veRL's workers on CPU processes); GPU-only
+    engines and a missing CUDA device are refused, naming the key, before anything loads."""
     import ragen.models as models
     import ragen.trainer.agent_trainer as agent_trainer
 
@@ -349,8 +599,8 @@ def test_agent_trainer_refuses_verl_on_cpu_before_loading_a_model(small_config, 
     for name in ("resolve_model_path", "load_tokenizer", "load_causal_lm", "load_value_model"):
         monkeypatch.setattr(models, name, boom)
     monkeypatch.setattr(agent_trainer, "build_workers", boom)
-    with pytest.raises(ConfigError, match="trainer.backend=local"):
-        agent_trainer.AgentTrainer(small_config(config_name="archer_verl"))
+    with pytest.raises(ConfigError, match=key):
+        agent_trainer.AgentTrainer(small_config(*overrides, config_name="archer_verl"))
 
 
 # ------------------------------------------------------------------------------------------------ top-level verl/

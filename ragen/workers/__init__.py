@@ -1,7 +1,7 @@
 """Worker backends behind one protocol (see ``protocol.py``): ``local`` (in-process) and ``verl`` (Ray)."""
 from __future__ import annotations
 
-from ragen.config import ConfigError, RunConfig, resolve_device
+from ragen.config import RunConfig, check_verl_device, resolve_device
 from ragen.workers import local
 from ragen.workers.local import LocalWorkers
 from ragen.workers.protocol import Workers
@@ -10,13 +10,15 @@ __all__ = ["Workers", "LocalWorkers", "build_workers", "check_backend"]
 
 
 def check_backend(cfg: RunConfig) -> None:
-    """Refuse a backend this machine cannot run, before anything heavy starts."""
+    """Refuse a backend this machine cannot run, before anything heavy starts.
+
+    ``trainer.device`` must exist here (``cuda`` without CUDA is refused); with ``trainer.backend=verl`` the
+    engines must fit the resolved device (on a CPU: ``fsdp2`` and the ``hf`` rollout, see
+    ``ragen.workers.verl_backend.config.resolve_engines``).
+    """
     device = resolve_device(cfg.trainer.device)
-    if cfg.trainer.backend == "verl" and device != "cuda":
-        raise ConfigError(
-            "trainer.backend=verl runs veRL's Ray worker groups, which need NVIDIA GPUs, and this machine has "
-            "none. Use trainer.backend=local (the in-process CPU/one-GPU backend) here."
-        )
+    if cfg.trainer.backend == "verl":
+        check_verl_device(cfg, device)
 
 
 def build_workers(cfg: RunConfig) -> Workers:
