@@ -81,7 +81,7 @@ def test_one_train_step_per_estimator(small_config, estimator, overrides):
 def test_archer_utterance_critic_with_warmup(small_config):
     """archer.yaml (utterance critic, hashing backbone), 2 turns; warmup_iters=1 freezes the actor at step 0 only."""
     cfg = small_config("agent_proxy.max_turn=2", "archer.warmup_iters=1", "archer.critic.backbone=hashing",
-                       config_name="archer")
+                       "archer.alpha=0.1", config_name="archer")  # alpha > 0: the token critic runs too
     assert cfg.algorithm.adv_estimator == "archer" and cfg.archer.critic.type == "utterance"
     trainer = AgentTrainer(cfg)
     uc = trainer.utterance_critic
@@ -135,7 +135,8 @@ def test_checkpoint_resume_reproduces_next_step(small_config, tmp_path):
     """Run A fits 2 steps saving after each; run B is a NEW trainer on a directory holding only A's step-1
     checkpoint (what a 1-step fit leaves behind) that resumes and does step 2: actor, token critic and utterance
     critic (heads, targets, replay buffer) must match A's after step 2."""
-    common = ("trainer.total_training_steps=2", "trainer.save_freq=1", "trainer.resume_mode=auto")
+    common = ("trainer.total_training_steps=2", "trainer.save_freq=1", "trainer.resume_mode=auto",
+              "archer.alpha=0.1", "archer.warmup_iters=0")  # alpha > 0: the token critic is checkpointed too
 
     dir_a = tmp_path / "a"
     run_a = AgentTrainer(small_config(*common, config_name="archer", out_dir=dir_a))
@@ -305,7 +306,7 @@ def test_smollm2_archer_smoke(small_config):
                        "es_manager.train.env_configs.n_groups=[2]", "micro_batch_size_per_gpu=2",
                        "ppo_mini_batch_size=2", "agent_proxy.max_turn=1",
                        "actor_rollout_ref.rollout.response_length=16", "actor_rollout_ref.actor.optim.lr=1e-6",
-                       "critic.optim.lr=1e-5", config_name="archer")
+                       "critic.optim.lr=1e-5", "archer.alpha=0.1", "archer.warmup_iters=0", config_name="archer")
     trainer = AgentTrainer(cfg)
     assert trainer.utterance_critic is not None
     metrics = trainer.train_step(0)

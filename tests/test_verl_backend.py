@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import compose_config, make_small_config
 from omegaconf import OmegaConf
+from verl import DataProto
 
 import ragen  # noqa: F401  (registers archer / bi_level_gae with veRL)
 from ragen.config import ConfigError, load_config
@@ -33,7 +34,6 @@ from ragen.workers.verl_backend import (
     to_verl_batch,
     verl_default_config,
 )
-from verl import DataProto
 
 REPO = Path(__file__).resolve().parents[1]
 PAD = 2
@@ -127,7 +127,8 @@ def test_round_trip_keeps_masks_rewards_advantages_and_uid():
     b = vb.batch
     P, R = b["prompts"].shape[1], b["responses"].shape[1]
     assert (P, R) == (3, 9)
-    assert b["input_ids"].shape == (2, P + R) and torch.equal(b["input_ids"], torch.cat([b["prompts"], b["responses"]], 1))
+    assert b["input_ids"].shape == (2, P + R)
+    assert torch.equal(b["input_ids"], torch.cat([b["prompts"], b["responses"]], 1))
     assert b["prompts"].tolist() == [[5, 6, 7], [PAD, 5, 6]]  # left-padded
     assert b["attention_mask"][1].tolist() == [0] + [1] * 11
     # response = everything from the first generated token on; response_mask = loss_mask restricted to it
@@ -332,7 +333,7 @@ def test_workers_protocol_over_stand_in_groups(fake_workers):
     w = fake_workers
     assert isinstance(w, Workers)
     data = hand_batch()
-    ids, attn = data.batch["input_ids"].float(), data.batch["attention_mask"].bool()
+    ids = data.batch["input_ids"].float()
 
     out = w.compute_log_probs(data)
     lp, ent = out.batch["old_log_probs"], out.batch["entropys"]
@@ -341,7 +342,8 @@ def test_workers_protocol_over_stand_in_groups(fake_workers):
     assert len(w.actor_rollout_wg.inputs["compute_log_prob"]) == 4  # 2 rows padded to the 4 ranks
 
     prompts = DataProto.from_dict(
-        tensors={"input_ids": torch.tensor([[PAD, 5, 6], [7, 8, 9]]), "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])},
+        tensors={"input_ids": torch.tensor([[PAD, 5, 6], [7, 8, 9]]),
+                 "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])},
         meta_info={"max_new_tokens": 4, "temperature": 0.0, "do_sample": False, "eos_token_id": PAD, "seed": 3})
     gen = w.generate(prompts)
     assert w.checkpoint_manager.calls == [("update_weights", 0)]  # weights pushed before the first sample
@@ -379,7 +381,7 @@ def test_policy_backbone_is_refused_before_anything_starts():
         VerlWorkers(cfg, critic_enabled=True, start=False)
 
 
-# ------------------------------------------------------------------------------------------------ defects (real workers)
+# ------------------------------------------------------------------------------------- defects (real workers)
 # ../shared/VERL_ON_CPU.md section "Defects": each has a regression test below (they fail on the code before the fix).
 def test_defect1_every_rank_gets_whole_micro_batches(tmp_path):
     """Forward passes padded to dp x micro rows, updates planned in mini-batches of whole micro-batches per rank:
@@ -572,8 +574,8 @@ def test_gpu_token_critic_without_flash_attention_is_refused_before_ray(tmp_path
     cfg = make_small_config(tmp_path, "trainer.device=auto", "trainer.n_gpus_per_node=1", config_name="archer_verl")
     with pytest.raises(ConfigError, match=r"flash_attn .*critic\.enable=false"):
         VerlWorkers(cfg, start=False)
-    w = VerlWorkers(make_small_config(tmp_path, "trainer.device=auto", "trainer.n_gpus_per_node=1", "critic.enable=false",
-                                      "archer.alpha=0", config_name="archer_verl"), start=False)
+    w = VerlWorkers(make_small_config(tmp_path, "trainer.device=auto", "trainer.n_gpus_per_node=1",
+                                      "critic.enable=false", "archer.alpha=0", config_name="archer_verl"), start=False)
     assert w.engines.device == "cuda" and w.engines.rollout == "vllm" and w.engines.strategy == "fsdp"
     assert w.verl_config.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
 
@@ -651,7 +653,8 @@ def parse_unified_diff(text: str) -> list[dict]:
     return files
 
 
-OLD_RAY_TRAINER = """# stand-in with the structure of an old veRL verl/trainer/ppo/ray_trainer.py (enum here, no registry)
+# stand-in with the structure of an old veRL verl/trainer/ppo/ray_trainer.py (enum here, no registry)
+OLD_RAY_TRAINER = """# an old veRL ray_trainer.py (stand-in)
 from enum import Enum
 
 import torch
@@ -686,7 +689,8 @@ class RayPPOTrainer(object):
 def test_patch_is_a_unified_diff_of_ray_trainer_that_applies_and_works(tmp_path):
     text = (REPO / "verl" / "archer_for_old_verl.patch").read_text()
     files = parse_unified_diff(text)
-    assert [(f["old"], f["new"]) for f in files] == [("a/verl/trainer/ppo/ray_trainer.py", "b/verl/trainer/ppo/ray_trainer.py")]
+    target = "verl/trainer/ppo/ray_trainer.py"
+    assert [(f["old"], f["new"]) for f in files] == [(f"a/{target}", f"b/{target}")]
     added = "\n".join(row for hunk in files[0]["hunks"] for row in hunk if row.startswith("+"))
     assert "ARCHER = 'archer'" in added and "BI_LEVEL_GAE = 'bi_level_gae'" in added
     assert "compute_archer_advantage_return" in added and "data.batch['values']" in added

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_small_config, tiny_overrides
 from verl import DataProto
 
-from conftest import make_small_config, tiny_overrides
 from ragen.config import load_config
 from ragen.workers.verl_backend import cpu_platform
 

@@ -20,7 +20,7 @@ import contextlib
 import functools
 import os
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any
 
 import psutil
 import torch
@@ -110,7 +110,7 @@ class PlatformCPU(_platform_base()):
     def set_device(self, device_index: int) -> None:
         return None
 
-    def synchronize(self, device_index: Optional[int] = None) -> None:
+    def synchronize(self, device_index: int | None = None) -> None:
         return None
 
     def manual_seed(self, seed: int) -> None:
@@ -125,7 +125,7 @@ class PlatformCPU(_platform_base()):
     def empty_cache(self) -> None:
         return None
 
-    def get_device_capability(self, device_index: int = 0) -> tuple[Optional[int], Optional[int]]:
+    def get_device_capability(self, device_index: int = 0) -> tuple[int | None, int | None]:
         return None, None
 
     def communication_backend_name(self) -> str:

@@ -25,7 +25,7 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import ray
 import torch
@@ -179,9 +179,9 @@ class HFServer:
         tokenizer = load_tokenizer(path)
         self.default_eos = [int(tokenizer.eos_token_id)]
         self.engine = HFGenerationEngine(self.model, tokenizer.pad_token_id)
-        self.global_steps: Optional[int] = None
+        self.global_steps: int | None = None
         self._pending: list[tuple[list[int], Sampling, asyncio.Future]] = []
-        self._batcher: Optional[asyncio.Task] = None
+        self._batcher: asyncio.Task | None = None
         self._last_arrival = 0.0
 
     # ---- generation
@@ -257,7 +257,7 @@ class HFServer:
         return float(sum(p.double().sum() for p in self.model.parameters()))
 
     # ---- veRL's server control methods: nothing to free or reload on a CPU
-    async def wake_up(self, tags: Optional[list[str]] = None) -> None:
+    async def wake_up(self, tags: list[str] | None = None) -> None:
         return None
 
     async def sleep(self) -> None:
@@ -293,7 +293,7 @@ class HFServer:
 
 
 # ------------------------------------------------------------------------------------------------ replica
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _replica_class():
     from verl.workers.rollout.replica import RolloutReplica
 
@@ -322,7 +322,7 @@ def server_name(replica_rank: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ worker side
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _adapter_class():
     from verl.workers.rollout.base import BaseRollout
 
@@ -344,7 +344,7 @@ def _adapter_class():
         async def release(self):
             return None
 
-        async def update_weights(self, weights, global_steps: Optional[int] = None, wire_format: str = "named_tensors",
+        async def update_weights(self, weights, global_steps: int | None = None, wire_format: str = "named_tensors",
                                  **kwargs):
             if wire_format != "named_tensors":
                 raise NotImplementedError(f"the hf rollout takes full named tensors, not {wire_format!r}")

@@ -8,7 +8,7 @@ must send so that every data-parallel rank gets whole mini-batches of whole micr
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 from verl import DataProto
@@ -43,7 +43,7 @@ def _real_columns(attention_mask: torch.Tensor, loss_mask: torch.Tensor, row: in
     return cols[:first], cols[first:]
 
 
-def to_verl_batch(data: DataProto, pad_token_id: Optional[int] = None) -> DataProto:
+def to_verl_batch(data: DataProto, pad_token_id: int | None = None) -> DataProto:
     """Our full-row layout -> veRL's prompt/response layout.
 
     In: ``input_ids``, ``attention_mask``, ``loss_mask`` [B, T] (``position_ids`` optional) and any other
@@ -135,8 +135,8 @@ def to_verl_batch(data: DataProto, pad_token_id: Optional[int] = None) -> DataPr
     return DataProto.from_dict(tensors=tensors, non_tensors=non_tensors, meta_info=meta)
 
 
-def from_verl_batch(data: DataProto, layout: Optional[DataProto] = None,
-                    keys: Optional[Iterable[str]] = None) -> DataProto:
+def from_verl_batch(data: DataProto, layout: DataProto | None = None,
+                    keys: Iterable[str] | None = None) -> DataProto:
     """veRL's prompt/response layout -> our ``[B, T]`` alignment.
 
     ``layout`` is the batch :func:`to_verl_batch` produced (it carries ``ragen_positions`` and T); it

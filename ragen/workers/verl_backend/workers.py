@@ -20,8 +20,9 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -29,8 +30,12 @@ from verl import DataProto
 
 from ragen.config import ConfigError, RunConfig, load_config
 from ragen.workers.protocol import Sampling
-from ragen.workers.verl_backend.config import (build_verl_config, check_verl_config, flash_attention_installed,
-                                               resolve_engines)
+from ragen.workers.verl_backend.config import (
+    build_verl_config,
+    check_verl_config,
+    flash_attention_installed,
+    resolve_engines,
+)
 from ragen.workers.verl_backend.layout import from_verl_batch, plan_update_rows, to_verl_batch
 
 logger = logging.getLogger(__name__)
@@ -130,7 +135,7 @@ class VerlWorkers:
     nothing in the trainer reads them there).
     """
 
-    def __init__(self, config: Any, critic_enabled: Optional[bool] = None, start: bool = True):
+    def __init__(self, config: Any, critic_enabled: bool | None = None, start: bool = True):
         self.config = cfg = load_config(config)
         self.critic_enabled = cfg.token_critic_enabled if critic_enabled is None else bool(critic_enabled)
         if cfg.utterance_critic_enabled and cfg.archer.critic.backbone == "policy":
