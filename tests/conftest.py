@@ -40,6 +40,10 @@ _TINY = (
     "archer.critic.updates=2",
     "archer.critic.batch_size=8",
     "archer.critic.hidden_size=32",
+    # archer.yaml (the CPU main job) runs alpha 0 with 2 critic-only iterations; the tests exercise the token
+    # critic next to the utterance critic and the actor from the first step
+    "archer.alpha=0.1",
+    "archer.warmup_iters=0",
     "agent_proxy.max_turn=1",
     "trainer.device=cpu",
     "trainer.precision=fp32",
