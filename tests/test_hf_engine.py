@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ragen.models import load_causal_lm
-from ragen.workers.hf_engine import PrefixCachingEngine, filter_logits, sample_tokens
+from ragen.workers.hf_engine import PrefixCachingEngine, filter_logits, generate_padded, sample_tokens
 from ragen.workers.protocol import Sampling
 
 PAD = 2
@@ -194,3 +194,22 @@ def test_model_attention_setting_is_restored(model):
     assert model.config._attn_implementation == before
     with torch.no_grad():
         assert math.isfinite(float(model(torch.tensor([[5, 6, 7]])).logits.sum()))
+
+
+def test_generate_padded_matches_lists(model):
+    prompts = random_rows(3, [6, 2, 11], seed=9)
+    width = 11
+    ids = torch.full((3, width), PAD)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    engine = PrefixCachingEngine(model, PAD, max_cached_tokens=0)
+    free = engine.generate(prompts, sampling(max_new=6, eos=()))
+    s = sampling(max_new=6, eos=(free[1][2],))
+    expected = engine.generate(prompts, s)
+    responses, response_mask = generate_padded(engine, ids, mask, s, PAD)
+    assert responses.shape == response_mask.shape == (3, 6)
+    for row, resp, m in zip(expected, responses.tolist(), response_mask.tolist()):
+        assert resp == row + [PAD] * (6 - len(row))
+        assert m == [1] * len(row) + [0] * (6 - len(row))

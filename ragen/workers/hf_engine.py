@@ -42,7 +42,7 @@ from transformers import AttentionInterface
 
 from ragen.workers.protocol import Sampling
 
-__all__ = ["PrefixCachingEngine", "filter_logits", "sample_tokens"]
+__all__ = ["PrefixCachingEngine", "filter_logits", "generate_padded", "sample_tokens"]
 
 _ATTN_NAME = "ragen_prefix_sdpa"
 
@@ -89,7 +89,9 @@ def sample_tokens(logits: torch.Tensor, sampling: Sampling, uniform: torch.Tenso
     inverse-CDF draw, so a row's token depends only on its own logits and uniform: the same in any batch."""
     if not sampling.do_sample or sampling.temperature <= 0:
         return logits.argmax(-1)
-    probs = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p).softmax(-1)
+    if sampling.temperature != 1.0:
+        logits = logits / sampling.temperature
+    probs = filter_logits(logits, sampling.top_k, sampling.top_p).softmax(-1)
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
     # first token whose cdf exceeds u * total (never a zero-probability one); u * total may round up to total
@@ -298,8 +300,10 @@ class PrefixCachingEngine:
         S = P + extra_columns
         device = self._device
         dtype = next(self.model.parameters()).dtype
-        # zeros, not empty: masked keys still enter the attention matmul and must be finite
-        kv = torch.zeros(self._layers, 2, B, self._kv_heads, S, self._head_dim, dtype=dtype, device=device)
+        kv = torch.empty(self._layers, 2, B, self._kv_heads, S, self._head_dim, dtype=dtype, device=device)
+        # every column a row reads is written before (cache copy, prefill, decode step) except its left
+        # padding, which is masked but still enters the attention matmul: it must be finite
+        kv[..., : P - int(lens.min()), :] = 0
         for b, (key, c) in enumerate(zip(sources, cached_sorted)):
             if key is not None:
                 start = P - int(lens[b])
@@ -410,3 +414,22 @@ class PrefixCachingEngine:
         """The last generated id of a row was never fed to the model: its KV covers the prompt and the
         first ``n_gen - 1`` generated ids (``tokens [B, max_new]``, ``kv [L, 2, len(rows), Hkv, S, Dh]``)."""
         self._store(batch, rows.tolist(), kv, [tokens[r, : int(n_gen[r]) - 1].tolist() for r in rows.tolist()])
+
+
+def generate_padded(engine: PrefixCachingEngine, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    sampling: Sampling, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The worker-protocol view of :meth:`PrefixCachingEngine.generate`.
+
+    In: ``input_ids`` / ``attention_mask`` [N, P] (any padding; the masked tokens are dropped).
+    Out: ``responses`` [N, max_new_tokens] right-padded with ``pad_token_id`` and ``response_mask`` [N,
+    max_new_tokens] (1 on generated ids, the eos included), as ``LocalWorkers.generate`` returns them."""
+    mask = attention_mask.bool()
+    prompts = [input_ids[i][mask[i]].tolist() for i in range(input_ids.shape[0])]
+    out = engine.generate(prompts, sampling)
+    width = max(int(sampling.max_new_tokens), 0)
+    responses = torch.full((len(out), width), int(pad_token_id), dtype=torch.long)
+    response_mask = torch.zeros((len(out), width), dtype=torch.long)
+    for i, row in enumerate(out):
+        responses[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        response_mask[i, : len(row)] = 1
+    return responses, response_mask
