@@ -7,20 +7,22 @@
 Each (section, allocator) pair runs in a child process of its own, the allocators alternating: glibc
 malloc ("off") and tcmalloc ("on": ``LD_PRELOAD`` of Debian's ``libtcmalloc-minimal4``).  Variants:
 ``hf fp32`` is ``LocalWorkers.generate`` itself (fp32 weights, no autocast; the whole dialogue re-prefilled
-every call), ``hf bf16`` the same on weights cast to bf16, ``engine fp32`` / ``engine bf16`` the
-PrefixCachingEngine on those weights, its cache cleared before each call or rollout (as after a weight
-update).  Sections:
+every call), ``hf bf16`` the same on weights cast to bf16, ``engine fp32`` the PrefixCachingEngine on the
+fp32 weights, ``engine bf16`` the engine with ``dtype=bfloat16`` (its bf16 copy of the weights refreshed
+after each clear); the cache is cleared before each call or rollout (as after a weight update).  Sections:
 
 * ``call``: one generate call on real FrozenLake dialogues (the turn-4 prompts of 32 validation episodes
   whose answers were unparseable, so all stay alive), 48 new tokens forced (eos ignored), sampled at T = 1,
   batch 16 and 32.  Prefill = a 1-token call, decode = the rest of a 48-token call.  The engine's prefill
   also gains from the prompts of the call sharing their first ~150 tokens (system prompt, instruction).
-* ``rollout``: ``AgentProxy.rollout("train")`` of 32 FrozenLake episodes (8 groups x 4) x up to 5 turns:
-  ``forced`` = 40 tokens a turn, greedy (every path sees the same dialogues up to float rounding),
-  ``natural`` = sampled at T = 1 until ``<|im_end|>`` or 64 tokens (the training setting; the paths
-  sample differently, so their dialogues differ: compare the token counts).
+* ``rollout``: 32 FrozenLake episodes x up to 5 turns through the real AgentProxy: ``forced`` = a train
+  rollout (8 groups x 4 episodes) of 40 tokens a turn (eos ignored) sampled at T = 1; ``natural`` = the
+  same until ``<|im_end|>`` or 64 tokens (the training setting); the paths sample differently, so their
+  dialogues differ (compare the token counts); ``greedy`` = the validation rollout (32 distinct episodes,
+  greedy, natural lengths), where every path should write the same dialogues up to float rounding.
 
-Prints markdown tables (median over ``--reps``; ratios engine / hf fp32 under the same allocator).
+Prints markdown tables: the fastest of the repetitions (other jobs on a shared machine only ever slow a
+run down; compare ratios within one table), ratios against hf fp32 under the same allocator.
 """
 from __future__ import annotations
 
@@ -28,13 +30,13 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -62,7 +64,8 @@ MODEL = "smollm2-135m"
 
 
 def frozenlake_config(extra: list[str]):
-    return compose([f"model_path={MODEL}", "trainer.device=cpu", "trainer.precision=fp32", "algorithm.adv_estimator=grpo", "critic.enable=false",
+    return compose([f"model_path={MODEL}", "trainer.device=cpu", "trainer.precision=fp32",
+                    "algorithm.adv_estimator=grpo", "critic.enable=false",
                     "es_manager.train.env_groups=8", "es_manager.train.group_size=4",
                     "es_manager.train.env_configs.tags=[FrozenLake]", "es_manager.train.env_configs.n_groups=[8]",
                     "es_manager.val.env_groups=32", "es_manager.val.group_size=1",
@@ -77,11 +80,26 @@ class Backend:
         self.workers, self.model, self.engine, self.forced = workers, model, engine, forced
         self.tokenizer = workers.tokenizer
 
+    def reset(self) -> None:
+        """Forget cached KV and counters (as after a weight update)."""
+        if self.engine is not None:
+            self.engine.clear()
+            self.engine.stats.update(prompt_tokens=0, prefilled_tokens=0, generated_tokens=0)
+
+    def stats(self) -> dict:
+        return dict(self.engine.stats) if self.engine is not None else {}
+
+    def sampling(self, meta: dict):
+        from ragen.workers.protocol import Sampling
+
+        w = self.workers
+        return Sampling.from_meta(meta, max_new_tokens=w.default_max_new_tokens, temperature=w.default_temperature,
+                                  top_p=w.default_top_p, top_k=w.default_top_k, eos_token_id=w.eos_token_id)
+
     def generate(self, prompts):
         from verl import DataProto
 
         from ragen.workers.hf_engine import generate_padded
-        from ragen.workers.protocol import Sampling
 
         meta = dict(prompts.meta_info or {})
         if self.forced:
@@ -92,11 +110,8 @@ class Backend:
                 return self.workers.generate(DataProto.from_dict(tensors=dict(prompts.batch.items()), meta_info=meta))
             finally:
                 self.workers.actor = saved
-        w = self.workers
-        sampling = Sampling.from_meta(meta, max_new_tokens=w.default_max_new_tokens, temperature=w.default_temperature,
-                                      top_p=w.default_top_p, top_k=w.default_top_k, eos_token_id=w.eos_token_id)
         responses, mask = generate_padded(self.engine, prompts.batch["input_ids"], prompts.batch["attention_mask"],
-                                          sampling, w.pad_token_id)
+                                          self.sampling(meta), self.workers.pad_token_id)
         return DataProto.from_dict(tensors={"responses": responses, "response_mask": mask})
 
 
@@ -108,7 +123,7 @@ def variants(workers) -> dict[str, Backend]:
     pad = workers.pad_token_id
     return {"hf fp32": Backend(workers, fp32, None, False), "hf bf16": Backend(workers, bf16, None, False),
             "engine fp32": Backend(workers, fp32, PrefixCachingEngine(fp32, pad), False),
-            "engine bf16": Backend(workers, bf16, PrefixCachingEngine(bf16, pad), False)}
+            "engine bf16": Backend(workers, fp32, PrefixCachingEngine(fp32, pad, dtype=torch.bfloat16), False)}
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -132,7 +147,8 @@ def call_prompts(workers) -> list[list[int]]:
             self.prompts.append([ids[i][mask[i]].tolist() for i in range(ids.shape[0])])
             reply = torch.tensor(workers.tokenizer("I am not sure.", add_special_tokens=False)["input_ids"] + [2])
             return DataProto.from_dict(tensors={"responses": reply.repeat(ids.shape[0], 1),
-                                                "response_mask": torch.ones(ids.shape[0], len(reply), dtype=torch.long)})
+                                                "response_mask": torch.ones(ids.shape[0], len(reply),
+                                                                            dtype=torch.long)})
 
     fake = Unparseable()
     AgentProxy(frozenlake_config([]), fake, workers.tokenizer).rollout("val", 0)
@@ -156,16 +172,14 @@ def run_call(workers, reps: int) -> list[dict]:
                 backend = backends[name]
                 times = {}
                 for new in (1, CALL_NEW_TOKENS):
-                    if backend.engine is not None:
-                        backend.engine.clear()
-                        backend.engine.stats.update(prompt_tokens=0, prefilled_tokens=0, generated_tokens=0)
+                    backend.reset()
                     request = DataProto.from_dict(
                         tensors={"input_ids": ids, "attention_mask": mask},
                         meta_info={"max_new_tokens": new, "do_sample": True, "temperature": 1.0, "top_p": 1.0,
                                    "seed": rep, "eos_token_id": []})
-                    times[new], out = timed(lambda: backend.generate(request))
+                    times[new], out = timed(lambda b=backend, r=request: b.generate(r))
                     assert int(out.batch["response_mask"].sum()) == batch * new
-                prefilled = backend.engine.stats["prefilled_tokens"] if backend.engine is not None else tokens
+                prefilled = backend.stats().get("prefilled_tokens", tokens)
                 records.append({"section": "call", "variant": name, "batch": batch, "rep": rep,
                                 "prompt_tokens": tokens, "prefilled_tokens": prefilled,
                                 "prefill_s": times[1], "decode_s": times[CALL_NEW_TOKENS] - times[1]})
@@ -173,32 +187,32 @@ def run_call(workers, reps: int) -> list[dict]:
     return records
 
 
-def run_rollout(workers, reps: int) -> list[dict]:
+def run_rollout(workers, reps: int, backends: dict[str, Backend] | None = None,
+                names: tuple[str, ...] = ROLLOUT_VARIANTS) -> list[dict]:
+    """Both rollout settings through ``backends[name]`` for each name (the first is the reference of
+    ``same_rows_as_ref``), interleaved over ``reps``."""
     from ragen.llm_agent import AgentProxy
 
-    backends = variants(workers)
+    backends = backends or variants(workers)
     records = []
-    settings = {"forced": [f"actor_rollout_ref.rollout.response_length={FORCED_TOKENS}",
-                           "actor_rollout_ref.rollout.temperature=0"],
-                "natural": [f"actor_rollout_ref.rollout.response_length={NATURAL_TOKENS}",
-                            "actor_rollout_ref.rollout.temperature=1.0"]}
-    for setting, extra in settings.items():
+    settings = {"forced": ("train", [f"actor_rollout_ref.rollout.response_length={FORCED_TOKENS}"]),
+                "natural": ("train", [f"actor_rollout_ref.rollout.response_length={NATURAL_TOKENS}"]),
+                "greedy": ("val", [f"actor_rollout_ref.rollout.response_length={NATURAL_TOKENS}"])}
+    for setting, (mode, extra) in settings.items():
         config = frozenlake_config(extra)
         for rep in range(reps):
             rows: dict[str, list[list[int]]] = {}
-            names = ROLLOUT_VARIANTS if rep % 2 == 0 else ROLLOUT_VARIANTS[::-1]
-            for name in names:
+            order = names if rep % 2 == 0 else names[::-1]
+            for name in order:
                 backend = backends[name]
                 backend.forced = setting == "forced"
-                if backend.engine is not None:
-                    backend.engine.clear()
-                    backend.engine.stats.update(prompt_tokens=0, prefilled_tokens=0, generated_tokens=0)
+                backend.reset()
                 proxy = AgentProxy(config, backend, workers.tokenizer)
-                seconds, batch = timed(lambda: proxy.rollout("train", rep))
+                seconds, batch = timed(lambda p=proxy, m=mode, r=rep: p.rollout(m, r))
                 m = batch.meta_info["metrics"]
                 mask = batch.batch["attention_mask"].bool()
                 rows[name] = [batch.batch["input_ids"][i][mask[i]].tolist() for i in range(mask.shape[0])]
-                stats = backend.engine.stats if backend.engine is not None else {}
+                stats = backend.stats()
                 records.append({"section": "rollout", "setting": setting, "variant": name, "rep": rep,
                                 "seconds": seconds, "gen_s": m["rollout/gen_time_s"],
                                 "gen_tokens": m["rollout/gen_tokens"], "gen_calls": m["rollout/gen_calls"],
@@ -206,9 +220,9 @@ def run_rollout(workers, reps: int) -> list[dict]:
                                 "prefilled_tokens": stats.get("prefilled_tokens"),
                                 "prompt_tokens": stats.get("prompt_tokens")})
                 print(json.dumps(records[-1]), flush=True)
-            for name in names:
-                records[-len(names) + names.index(name)]["same_rows_as_hf"] = sum(
-                    a == b for a, b in zip(rows[name], rows["hf fp32"])) / len(rows["hf fp32"])
+            for k, name in enumerate(order):
+                records[-len(order) + k]["same_rows_as_ref"] = sum(
+                    a == b for a, b in zip(rows[name], rows[names[0]])) / len(rows[names[0]])
     return records
 
 
@@ -225,8 +239,9 @@ def child(section: str, reps: int, out: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- parent side
-def med(values: list[float]) -> float:
-    return statistics.median(values)
+def best(values: list[float]) -> float:
+    """The fastest repetition: contention from other jobs only adds time."""
+    return min(values)
 
 
 def call_table(records: list[dict]) -> str:
@@ -238,34 +253,35 @@ def call_table(records: list[dict]) -> str:
              "| total s | total vs hf fp32 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (malloc, variant, batch), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2],
                                                                               CALL_VARIANTS.index(kv[0][1]))):
-        pre, dec = med([r["prefill_s"] for r in rs]), med([r["decode_s"] for r in rs])
+        pre, dec = best([r["prefill_s"] for r in rs]), best([r["decode_s"] for r in rs])
         base = groups[(malloc, "hf fp32", batch)]
-        base_total = med([r["prefill_s"] + r["decode_s"] for r in base])
-        total = med([r["prefill_s"] + r["decode_s"] for r in rs])
+        base_total = best([r["prefill_s"] + r["decode_s"] for r in base])
+        total = best([r["prefill_s"] + r["decode_s"] for r in rs])
         lines.append(f"| {malloc} | {variant} | {batch} | {rs[0]['prompt_tokens']} ({rs[0]['prefilled_tokens']}) "
                      f"| {pre:.2f} | {dec:.2f} | {rs[0]['prompt_tokens'] / pre:.0f} "
                      f"| {batch * (CALL_NEW_TOKENS - 1) / dec:.1f} | {total:.2f} | {total / base_total:.2f} |")
     return "\n".join(lines)
 
 
-def rollout_table(records: list[dict]) -> str:
+def rollout_table(records: list[dict], names: tuple[str, ...] = ROLLOUT_VARIANTS) -> str:
+    """Per setting, allocator and variant; ratios and identical rows against ``names[0]``."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         if r["section"] == "rollout":
             groups[(r["setting"], r["malloc"], r["variant"])].append(r)
-    lines = ["| setting | malloc | variant | rollout s | generate s | vs hf fp32 | generated tok | calls "
-             "| mean row len | prefilled / prompt tok | rows = hf |",
+    lines = [f"| setting | malloc | variant | rollout s | generate s | vs {names[0]} | generated tok | calls "
+             f"| mean row len | prefilled / prompt tok | rows = {names[0]} |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (setting, malloc, variant), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
-                                                                                ROLLOUT_VARIANTS.index(kv[0][2]))):
-        sec = med([r["seconds"] for r in rs])
-        base = med([r["seconds"] for r in groups[(setting, malloc, "hf fp32")]])
+                                                                                names.index(kv[0][2]))):
+        sec = best([r["seconds"] for r in rs])
+        base = best([r["seconds"] for r in groups[(setting, malloc, names[0])]])
         pre = "" if rs[0]["prefilled_tokens"] is None else f"{rs[0]['prefilled_tokens']} / {rs[0]['prompt_tokens']}"
-        same = med([r.get("same_rows_as_hf", float("nan")) for r in rs])
-        lines.append(f"| {setting} | {malloc} | {variant} | {sec:.1f} | {med([r['gen_s'] for r in rs]):.1f} "
-                     f"| {sec / base:.2f} | {med([r['gen_tokens'] for r in rs]):.0f} "
-                     f"| {med([r['gen_calls'] for r in rs]):.0f} | {med([r['row_len_mean'] for r in rs]):.0f} "
-                     f"| {pre} | {same:.2f} |")
+        same = f"{best([r['same_rows_as_ref'] for r in rs]):.2f}" if setting == "greedy" else "-"
+        lines.append(f"| {setting} | {malloc} | {variant} | {sec:.1f} | {best([r['gen_s'] for r in rs]):.1f} "
+                     f"| {sec / base:.2f} | {best([r['gen_tokens'] for r in rs]):.0f} "
+                     f"| {best([r['gen_calls'] for r in rs]):.0f} | {best([r['row_len_mean'] for r in rs]):.0f} "
+                     f"| {pre} | {same} |")
     return "\n".join(lines)
 
 
@@ -278,7 +294,7 @@ def malloc_ratio_table(records: list[dict]) -> str:
     lines = ["| section | case | variant | glibc s | tcmalloc s | tcmalloc / glibc |", "|---|---|---|---:|---:|---:|"]
     for key, by in sorted(sums.items()):
         if "on" in by and "off" in by:
-            off, on = med(by["off"]), med(by["on"])
+            off, on = best(by["off"]), best(by["on"])
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {off:.1f} | {on:.1f} | {on / off:.2f} |")
     return "\n".join(lines)
 
@@ -287,7 +303,7 @@ def main() -> None:
     global MODEL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["call", "rollout"], choices=["call", "rollout"])
-    parser.add_argument("--reps", type=int, default=1, help="repetitions of each measurement (median reported)")
+    parser.add_argument("--reps", type=int, default=1, help="repetitions of the whole bench (the fastest is reported)")
     parser.add_argument("--call-reps", type=int, default=3, help="repetitions inside a call section")
     parser.add_argument("--malloc", default="both", choices=["both", "off", "on"], help="glibc, tcmalloc or both")
     parser.add_argument("--out", help="also write the tables to this markdown file")
@@ -304,7 +320,7 @@ def main() -> None:
     if "on" in mallocs and not os.path.exists(TCMALLOC):
         sys.exit(f"{TCMALLOC} is missing: apt-get install -y libtcmalloc-minimal4 (or --malloc off)")
     records: list[dict] = []
-    started = time.time()
+    started, load_start = time.time(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
             for section in args.sections:
@@ -321,8 +337,9 @@ def main() -> None:
                         for r in json.load(f):
                             r["rep"] = (rep, r["rep"])
                             records.append(r)
-    header = (f"{args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"{os.cpu_count()} CPUs; {time.time() - started:.0f} s in all\n")
+    header = (f"{args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}; {time.time() - started:.0f} s in all; "
+              f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other jobs)\n")
     parts = [header]
     if any(r["section"] == "call" for r in records):
         parts.append(f"## One call: {CALL_NEW_TOKENS} new tokens forced, sampled at T = 1\n\n" + call_table(records))

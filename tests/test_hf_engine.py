@@ -213,3 +213,23 @@ def test_generate_padded_matches_lists(model):
     for row, resp, m in zip(expected, responses.tolist(), response_mask.tolist()):
         assert resp == row + [PAD] * (6 - len(row))
         assert m == [1] * len(row) + [0] * (6 - len(row))
+
+
+def test_dtype_copy_follows_the_weights_after_clear(model):
+    import copy
+
+    prompts = random_rows(3, [8, 5, 12], seed=12)
+    s = sampling(max_new=6, eos=())
+    source = copy.deepcopy(model)
+    engine = PrefixCachingEngine(source, PAD, dtype=torch.bfloat16)
+    first = engine.generate(prompts, s)
+    assert first == PrefixCachingEngine(copy.deepcopy(source).to(torch.bfloat16), PAD).generate(prompts, s)
+    assert next(source.parameters()).dtype == torch.float32  # the source model is left alone
+    with torch.no_grad():
+        for p in source.parameters():
+            p.mul_(-1.0)
+    assert engine.generate(prompts, s) == first  # stale until the caller says the weights changed
+    engine.clear()
+    changed = engine.generate(prompts, s)
+    assert changed != first
+    assert changed == PrefixCachingEngine(copy.deepcopy(source).to(torch.bfloat16), PAD).generate(prompts, s)

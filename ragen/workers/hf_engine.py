@@ -33,6 +33,7 @@ attention type); autocast is switched off inside the engine: cast the weights to
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,10 +54,19 @@ def _gqa_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     """q [b, Hq, n, Dh], k/v [b, Hkv, K, Dh], mask [b, 1, n, K] bool -> ([b, n, Hq, Dh], None).
 
     HF's sdpa path repeats the KV heads whenever a mask is given (a copy of the whole cache per layer and
-    step); ``enable_gqa`` reads them in place and gives the same numbers."""
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
-    return out.transpose(1, 2).contiguous(), None
+    step); ``enable_gqa`` reads them in place and gives the same numbers.  One query per row (decoding):
+    two matmuls with the query heads of a KV head stacked, because torch's CPU flash kernel is slow there
+    (B=32, 600 keys: 3.4 vs 2.9 ms in fp32, 24 vs 3.3 ms in bf16); the scores stay in fp32."""
+    b, hq, n, d = query.shape
+    hkv = key.shape[1]
+    if n > 1:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                               scale=scaling, enable_gqa=hkv != hq)
+        return out.transpose(1, 2).contiguous(), None
+    scale = scaling if scaling is not None else d ** -0.5
+    scores = torch.matmul(query.reshape(b, hkv, hq // hkv, d).float(), key.transpose(-1, -2).float()) * scale
+    probs = scores.masked_fill(~attention_mask, float("-inf")).softmax(-1).to(value.dtype)  # [b, Hkv, Hq/Hkv, K]
+    return torch.matmul(probs, value).reshape(b, 1, hq, d), None
 
 
 AttentionInterface.register(_ATTN_NAME, _gqa_sdpa)
@@ -177,14 +187,20 @@ def _groups(new_lens: list[int], max_tokens: int, slack: float = 1.5) -> list[tu
 class PrefixCachingEngine:
     """Batched sampling with KV reuse across calls for one transformers causal LM (see the module doc).
 
+    ``dtype``: generate with a copy of the weights in this dtype (None: with ``model`` itself); on this
+    project's CPU (avx512_bf16, no AMX) bf16 weights prefill ~2.7x faster than fp32 (measured).
     ``max_cached_tokens`` bounds the tokens whose KV is kept (least recently used entries go first; per token
-    ``2 * layers * kv_heads * head_dim`` numbers of the model's dtype, 46 KB for SmolLM2-135M in fp32);
-    0 disables caching.  ``min_shared_tokens``: prompts of one call sharing at least this many tokens beyond
-    the cache get that prefix prefilled once.  ``max_prefill_tokens``: rows x columns per prefill forward."""
+    ``2 * layers * kv_heads * head_dim`` numbers, 46 KB for SmolLM2-135M in fp32); 0 disables caching.
+    ``min_shared_tokens``: prompts of one call sharing at least this many tokens beyond the cache get that
+    prefix prefilled once.  ``max_prefill_tokens``: rows x columns per prefill forward.  ``stats`` counts
+    the prompt tokens asked for, the tokens actually prefilled and the tokens generated."""
 
-    def __init__(self, model: torch.nn.Module, pad_token_id: int, max_cached_tokens: int = 32768,
-                 min_shared_tokens: int = 32, max_prefill_tokens: int = 4096):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, dtype: torch.dtype | None = None,
+                 max_cached_tokens: int = 32768, min_shared_tokens: int = 32, max_prefill_tokens: int = 4096):
+        self.source = model
+        self.dtype = dtype
+        self.model = model  # what generates: ``source`` or its copy in ``dtype`` (see _sync_weights)
+        self._stale = dtype is not None and dtype != next(model.parameters()).dtype
         self.pad_token_id = int(pad_token_id)
         self.max_cached_tokens = int(max_cached_tokens)
         self.min_shared_tokens = int(min_shared_tokens)
@@ -205,9 +221,23 @@ class PrefixCachingEngine:
         return sum(int(e.tokens.numel()) for e in self._entries.values())
 
     def clear(self) -> None:
-        """Drop every cached KV (call it whenever the weights change)."""
+        """Call whenever the weights change: drops every cached KV and, with ``dtype``, marks the weight
+        copy for a refresh on the next call."""
         self._entries.clear()
         self._table = None
+        self._stale = self.model is not self.source
+
+    def _sync_weights(self) -> None:
+        """Make or refresh the copy of ``source`` in ``dtype`` (in place after the first time)."""
+        if not self._stale:
+            return
+        if self.model is self.source:
+            self.model = copy.deepcopy(self.source).to(self.dtype).eval().requires_grad_(False)
+        else:
+            with torch.no_grad():
+                for dst, src in zip(self.model.state_dict().values(), self.source.state_dict().values()):
+                    dst.copy_(src)
+        self._stale = False
 
     def _put(self, tokens: list[int], kv: torch.Tensor) -> None:
         if not 0 < len(tokens) <= self.max_cached_tokens:
@@ -364,6 +394,7 @@ class PrefixCachingEngine:
         seed = sampling.seed if sampling.seed is not None else int(torch.randint(2 ** 62, ()).item())
         # one uniform per (caller row, step): a row's draws do not depend on the batch it is in
         uniforms = torch.rand(len(prompts), max_new, generator=torch.Generator().manual_seed(int(seed)))
+        self._sync_weights()
         eos = torch.tensor(sampling.eos_ids, dtype=torch.long, device=self._device)
         with self._engine_mode():
             batch = self._prefill([list(map(int, p)) for p in prompts], max_new - 1)
