@@ -524,20 +524,24 @@ def test_frozenlake_two_turn_dialogue(tok):
     assert out.batch["input_ids"].shape[0] == 1
 
 
-@pytest.mark.parametrize("prefill", [False, True])
-def test_format_warmup_batch_is_well_formed_random_actions(tok, prefill):
-    p, workers = proxy(tok, lambda *a: "unused", **{"agent_proxy.prefill_answer": prefill})
-    batch = p.format_warmup_batch(step=0)
-    assert not workers.calls  # no generation: the replies are written, not sampled
-    mask = batch.batch["loss_mask"]
-    seen = set()
-    for b in range(mask.shape[0]):
-        assert len(runs(mask[b].tolist())) == 1
-        reply = tok.decode(batch.batch["input_ids"][b][mask[b].bool()].tolist())
-        assert reply.endswith("<|im_end|>")
-        actions, ok = p.ctx.parse_response(reply.replace("<|im_end|>", ""))
-        assert ok and len(actions) == 1 and actions[0] in ("Left", "Right")
-        seen.add(actions[0])
+@pytest.mark.parametrize("prefill,cap", [(False, 1), (True, 1), (False, 2)])
+def test_format_warmup_batch_is_well_formed_random_actions(tok, prefill, cap):
+    p, workers = proxy(tok, lambda *a: "unused", **{"agent_proxy.prefill_answer": prefill,
+                                                     "agent_proxy.max_actions_per_turn": cap,
+                                                     "es_manager.train.group_size": 8})
+    lengths = set()
+    for step in range(3):
+        batch = p.format_warmup_batch(step=step)
+        assert not workers.calls  # no generation: the replies are written, not sampled
+        mask = batch.batch["loss_mask"]
+        for b in range(mask.shape[0]):
+            assert len(runs(mask[b].tolist())) == 1
+            reply = tok.decode(batch.batch["input_ids"][b][mask[b].bool()].tolist())
+            assert reply.endswith("<|im_end|>")
+            actions, ok = p.ctx.parse_response(reply.replace("<|im_end|>", ""))
+            assert ok and 1 <= len(actions) <= cap and set(actions) <= {"Left", "Right"}
+            lengths.add(len(actions))
+    assert lengths == set(range(1, cap + 1))  # every reply length up to the cap is taught
     assert torch.all(batch.batch["token_level_rewards"] == 0)
     # warm-up seeds lie below seed.train and differ from the step's training seeds
     train_seeds = {p.env_manager("train").group_seed(0, g) for g in range(2)}

@@ -165,11 +165,12 @@ class AgentProxy:
 
     # ------------------------------------------------------------------ format warm-up
     def format_warmup_batch(self, step: int) -> DataProto:
-        """First-turn prompts of the train envs, each answered by a well-formed reply with ONE uniformly
-        random valid action (``<answer>Action</answer>`` + end of turn), loss mask on the reply.
+        """First-turn prompts of the train envs, each answered by a well-formed reply with between one and
+        the turn's action cap of uniformly random valid actions (``<answer>A || B</answer>`` + end of turn),
+        loss mask on the reply.
 
-        Used for the supervised format warm-up (``format_warmup.steps``): it teaches the answer format and
-        the action names, not the task, since the action is random.  Seeds come from the val-free range
+        Used for the supervised format warm-up (``format_warmup.steps``): it teaches the answer format, the
+        action names and that a turn may hold several actions, not the task, since the actions are random.  Seeds come from the val-free range
         below ``seed.train`` walked backwards, so they overlap neither training nor validation seeds.
         """
         esm = self.env_manager("train")
@@ -181,8 +182,10 @@ class AgentProxy:
             seed = base - 1 - (int(step) * len(esm.envs) + i) % max(1, base // 2)
             obs = state.env.reset(seed)
             dlg = self.ctx.start(state.instruction, obs, state.max_actions)
-            action = state.env.valid_actions[int(rng.integers(len(state.env.valid_actions)))]
-            reply = self.ctx.format_example(action)
+            valid = state.env.valid_actions
+            cap = max(1, min(self.ctx.max_actions_per_turn, state.max_actions or self.ctx.max_actions_per_turn))
+            picks = rng.integers(len(valid), size=int(rng.integers(1, cap + 1)))
+            reply = self.ctx.format_example(f" {self.ctx.action_sep} ".join(valid[int(k)] for k in picks))
             self.ctx.append_response(dlg, self.ctx.encode(reply) + [self.ctx.eot_id])
             dialogues.append(dlg)
             scores.append([0.0])
