@@ -87,28 +87,45 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     trainer = AgentTrainer(config)
     workers = trainer.workers
     record: dict[str, dict[str, float]] = {}
+    active: list[str] = []  # the phases running now, innermost last: generate calls count towards it
 
     def timed(name: str, fn, count):
-        def wrapper(data, *args, **kwargs):
+        def wrapper(*args, **kwargs):
+            before = _engine_stats(workers)
+            active.append(name)
             start = time.perf_counter()
-            out = fn(data, *args, **kwargs)
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                active.pop()
             entry = record.setdefault(name, {"s": 0.0, "tokens": 0.0, "calls": 0.0})
             entry["s"] += time.perf_counter() - start
             entry["calls"] += 1
-            for key, value in count(data, out).items():
+            for key, value in count(args[0] if args else None, out).items():
                 entry[key] = entry.get(key, 0.0) + value
+            for key, value in _engine_stats(workers).items():
+                entry["engine_" + key] = entry.get("engine_" + key, 0.0) + value - before.get(key, 0)
             return out
         return wrapper
 
     def real_tokens(data, out):
         return {"tokens": float(data.batch["attention_mask"].sum())}
 
-    def rollout_tokens(data, out):
-        return {"tokens": float(out.batch["response_mask"].sum()),
-                "prompt_tokens": float(data.batch["attention_mask"].sum())}
+    generate = workers.generate
+
+    def counted_generate(data, *args, **kwargs):
+        """Generation inside the rollout or the utterance critic's policy samples: tokens to that phase."""
+        out = generate(data, *args, **kwargs)
+        if active:
+            entry = record.setdefault(active[-1], {"s": 0.0, "tokens": 0.0, "calls": 0.0})
+            entry["generated"] = entry.get("generated", 0.0) + float(out.batch["response_mask"].sum())
+            entry["prompt_tokens"] = entry.get("prompt_tokens", 0.0) + float(data.batch["attention_mask"].sum())
+            entry["generate_calls"] = entry.get("generate_calls", 0.0) + 1
+        return out
 
     epochs = int(config.actor_rollout_ref.actor.ppo_epochs)
-    workers.generate = timed("rollout", workers.generate, rollout_tokens)
+    workers.generate = counted_generate
+    trainer.proxy.rollout = timed("rollout", trainer.proxy.rollout, lambda d, o: {})
     workers.compute_log_probs = timed("old_log_probs", workers.compute_log_probs, real_tokens)
     workers.compute_ref_log_probs = timed("ref_log_probs", workers.compute_ref_log_probs, real_tokens)
     if getattr(workers, "critic", None) is not None:
@@ -123,16 +140,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     for step in range(spec["iterations"]):
         record.clear()
-        before = dict(_engine_stats(workers))
         start = time.perf_counter()
         metrics = trainer.train_step(step)
         record["iteration"] = {"s": time.perf_counter() - start}
-    stats = {k: v - before.get(k, 0) for k, v in _engine_stats(workers).items()}
     model = workers.actor
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
     return {
-        "label": spec["label"], "phases": record, "engine": dict(stats),
+        "label": spec["label"], "phases": record,
         "params": sum(p.numel() for p in base.parameters()),
         "precision": getattr(workers, "precision", "?"), "threads": torch.get_num_threads(),
         "rows": metrics.get("train/rollout/num_rows"), "row_len_mean": metrics.get("train/rollout/row_len_mean"),
@@ -182,8 +197,12 @@ def phase_rows(result: dict[str, Any]) -> dict[str, dict[str, float]]:
         if not entry:
             continue
         tokens = entry.get("tokens", 0.0)
-        if phase == "rollout":
-            flops = 2 * n * (entry.get("prompt_tokens", 0.0) + tokens)  # what a re-prefilling engine computes
+        if entry.get("generated"):
+            # forward passes run: the engine's prefilled tokens when it reports them (the rest came from its
+            # cache), else every prompt token (HF generate re-prefills the whole dialogue), plus generated ones
+            tokens = entry["generated"]
+            prefilled = entry.get("engine_prefilled_tokens") or entry.get("prompt_tokens", 0.0)
+            flops = 2 * n * (prefilled + tokens)
         elif phase.startswith("update"):
             flops = 6 * n * tokens
         else:
@@ -221,14 +240,13 @@ def report(base: dict[str, Any], cand: dict[str, Any]) -> str:
         lines.append(f"| {phase} | " + " | ".join(cells) + " |")
     for who, result in (("baseline", base), ("candidate", cand)):
         roll = result["phases"].get("rollout")
-        if roll:
-            line = (f"{who} rollout: {roll['calls']:.0f} generate calls, {roll.get('prompt_tokens', 0):.0f} prompt "
-                    f"tokens sent, {roll['tokens']:.0f} generated "
-                    f"({roll['tokens'] / roll['s']:.1f} generated tokens/s)")
-            engine = result.get("engine") or {}
-            if engine.get("prefilled_tokens"):
-                line += (f"; the engine prefilled {engine['prefilled_tokens']:.0f} of the "
-                         f"{engine.get('prompt_tokens', 0):.0f} prompt tokens (the rest came from its cache)")
+        if roll and roll.get("generated"):
+            line = (f"{who} rollout: {roll.get('generate_calls', 0):.0f} generate calls, "
+                    f"{roll.get('prompt_tokens', 0):.0f} prompt tokens sent, {roll['generated']:.0f} generated "
+                    f"({roll['generated'] / roll['s']:.1f} generated tokens/s)")
+            if roll.get("engine_prefilled_tokens"):
+                line += (f"; the engine prefilled {roll['engine_prefilled_tokens']:.0f} of them "
+                         "(the rest came from its cache)")
             lines.append(line)
     return "\n".join(lines)
 

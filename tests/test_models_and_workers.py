@@ -311,3 +311,35 @@ def test_log_probs_on_the_loss_positions_only_equal_the_full_pass(workers):
         lp, ent = workers._token_logprobs(workers.actor, inputs, 0.7, want_entropy=True, only=mask)
     torch.testing.assert_close(lp, full_lp * mask, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent, full_ent * mask, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision,lora", [("fp32", 0), ("bf16", 0), ("bf16", 4), ("fp32", 4)])
+def test_rollout_engine_samples_from_the_updated_weights(precision, lora):
+    """After an actor update the engine's weights are the actor's (cast to bf16 / LoRA merged), not stale."""
+    cfg = make_config(trainer={"precision": precision}, lora={"rank": lora, "alpha": 8})
+    w = LocalWorkers(cfg)
+
+    def expected():
+        model = w.actor
+        if lora:
+            import copy
+            model = copy.deepcopy(model).merge_and_unload()
+        return {n: p.detach().to(torch.bfloat16 if precision == "bf16" else torch.float32)
+                for n, p in model.named_parameters()}
+
+    prompts = DataProto.from_dict(tensors={"input_ids": torch.tensor([[5, 6, 7, 8]]),
+                                           "attention_mask": torch.ones(1, 4, dtype=torch.long)},
+                                  meta_info={"do_sample": False, "max_new_tokens": 3})
+    for _ in range(2):
+        w.generate(prompts)
+        got = dict(w.engine.model.named_parameters())
+        want = expected()
+        assert set(got) == set(want)
+        for name, value in want.items():
+            assert torch.equal(got[name].detach(), value), name
+        if lora:
+            for n, p in w.actor.named_parameters():
+                if "lora_B" in n:  # B starts at 0: make the merged weights differ from the base
+                    p.data.normal_()
+        w.update_actor(with_rl_keys(w, make_batch()))
+        assert not w.engine.cached_tokens  # the cache of the old weights is gone

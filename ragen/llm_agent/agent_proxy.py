@@ -170,8 +170,9 @@ class AgentProxy:
         loss mask on the reply.
 
         Used for the supervised format warm-up (``format_warmup.steps``): it teaches the answer format, the
-        action names and that a turn may hold several actions, not the task, since the actions are random.  Seeds come from the val-free range
-        below ``seed.train`` walked backwards, so they overlap neither training nor validation seeds.
+        action names and that a turn may hold several actions, not the task, since the actions are random.
+        Seeds come from the val-free range below ``seed.train`` walked backwards, so they overlap neither
+        training nor validation seeds.
         """
         esm = self.env_manager("train")
         base = self.config.seed.train

@@ -171,7 +171,6 @@ class LocalWorkers:
         self._actor = self._trainable(actor_model, actor.optim.lr, actor.optim.weight_decay, actor.ppo_mini_batch_size,
                                       actor.ppo_micro_batch_size_per_gpu, actor.ppo_epochs, actor.grad_clip, "actor")
         self._engine: PrefixCachingEngine | None = None
-        self._gen_copy: torch.nn.Module | None = None
         self._gen_stale = True
         self._critic = None
         if critic_model is not None:
@@ -368,36 +367,29 @@ class LocalWorkers:
                 "global_batch_size": (mask.sum(-1) > 0).sum().clamp(min=1)}
 
     # ------------------------------------------------------------------------------------------ protocol
-    def _generation_model(self) -> torch.nn.Module:
-        """The policy the rollout engine runs: the actor itself in fp32; in bf16 a bf16 copy of it (LoRA
-        merged), since casting the weights at every decode step would cost more than the step."""
-        if self.precision != "bf16":
-            return self.actor
+    def _generation_source(self) -> torch.nn.Module:
+        """What the rollout engine samples from: the actor, or with LoRA a merged copy of it (the adapters'
+        extra matmuls at every decode step would cost more than merging once per weight change)."""
         if self.lora_rank > 0:
-            return copy.deepcopy(self.actor).merge_and_unload().to(torch.bfloat16).eval()
-        if self._gen_copy is None:
-            self._gen_copy = copy.deepcopy(self.actor).to(torch.bfloat16).eval()
-        else:
-            with torch.no_grad():
-                for target, source in zip(self._gen_copy.parameters(), self.actor.parameters()):
-                    target.copy_(source)
-        return self._gen_copy
+            return copy.deepcopy(self.actor).merge_and_unload().eval()
+        return self.actor
 
     def _weights_changed(self) -> None:
-        """New actor weights: the rollout engine's cache and bf16 copy are stale."""
+        """New actor weights: the rollout engine's cache and weight copy are stale."""
         self._gen_stale = True
 
     @property
     def engine(self) -> PrefixCachingEngine:
-        """The prefix-caching rollout engine, on the current weights."""
-        if self._engine is None or self._gen_stale:
-            model = self._generation_model()
-            if self._engine is None:
-                self._engine = PrefixCachingEngine(model, self.pad_token_id)
-            else:
-                self._engine.model = model
-                self._engine.clear()
-            self._gen_stale = False
+        """The prefix-caching rollout engine, on the current weights (in bf16 it keeps a bf16 copy, since
+        casting the weights at every decode step would cost more than the step)."""
+        if self._engine is None:
+            dtype = torch.bfloat16 if self.precision == "bf16" else None
+            self._engine = PrefixCachingEngine(self._generation_source(), self.pad_token_id, dtype=dtype)
+        elif self._gen_stale:
+            if self.lora_rank > 0:
+                self._engine.source = self._generation_source()
+            self._engine.clear()
+        self._gen_stale = False
         return self._engine
 
     def generate(self, prompts: DataProto) -> DataProto:
