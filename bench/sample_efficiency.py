@@ -5,10 +5,9 @@
     python bench/sample_efficiency.py --tasks bandit --seeds 2                  # quick sanity check
     python bench/sample_efficiency.py --report-only                             # re-plot / re-summarise
     python bench/sample_efficiency.py --tasks frozenlake --estimators archer_utterance archer_logged archer_paper
-    # full size, one GPU (not run here: no GPU was lent to this project's CPU sessions)
-    BENCH_THREADS=8 python bench/sample_efficiency.py --policy smollm2-135m --workers 1 --tag _smollm2 \
-        --steps 200 --set es_manager.train.env_groups=16 --set es_manager.train.group_size=4 \
-        --set ppo_mini_batch_size=16
+    # a real LLM: each run is the main job (config/archer.yaml) with the estimator and seed changed
+    BENCH_THREADS=1 python bench/sample_efficiency.py --policy smollm2-135m --tasks frozenlake \
+        --estimators archer_utterance gae grpo --seeds 2 --tag _smollm2
 
 Every run trains through the project's own trainer (``ragen.trainer.agent_trainer.AgentTrainer`` on a
 Hydra-composed ``config/base.yaml`` + the overrides below: agent proxy, loss masks, estimators, workers),
@@ -136,10 +135,11 @@ SHARED = [
     "trainer.test_freq=5", "trainer.val_before_train=true", "trainer.resume_mode=disable",
     "seed.val=123",
 ]
-# --policy other than "small" (a real LLM: model alias, HF dir or .gguf): replies are longer in its tokens and
-# a pre-trained model wants a much smaller learning rate; everything else stays as above
-FULL_SIZE = ["actor_rollout_ref.rollout.response_length=16", "actor_rollout_ref.actor.optim.lr=1e-5",
-             "critic.optim.lr=1e-5", "trainer.device=auto", "trainer.precision=auto", "format_warmup.steps=8"]
+# --policy other than "small" (a real LLM: model alias, HF dir or .gguf): each run is the main job,
+# config/archer.yaml (multi-turn FrozenLake, its format warm-up, batch, learning rate and validation), with only
+# the estimator and the seed changed; SHARED and the per-task settings above are the small policy's
+REAL_POLICY_CONFIG = "archer"
+REAL_POLICY_SET = ["trainer.logger=[console]", "trainer.save_freq=0", "trainer.resume_mode=disable"]
 QUICK = ["es_manager.train.env_groups=2", "es_manager.train.group_size=2", "es_manager.val.env_groups=4",
          "micro_batch_size_per_gpu=4", "ppo_mini_batch_size=4", "trainer.test_freq=1",
          "archer.critic.updates=2", "archer.critic.batch_size=8"]
@@ -168,25 +168,31 @@ def task_overrides(task: str, quick: bool = False) -> list[str]:
     ] + spec["overrides"] + (QUICK if quick else []))
 
 
-def compose(overrides: list[str]):
+def compose(overrides: list[str], config_name: str = "base"):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=os.path.join(ROOT, "config"), version_base=None):
-        return hydra_compose(config_name="base", overrides=list(overrides))
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
 def run_overrides(task: str, estimator: str, seed: int, policy_dir: str, out_dir: str, steps: int,
-                  quick: bool = False, extra: list[str] = ()) -> list[str]:
-    return _follow_env_groups(task_overrides(task, quick) + ESTIMATORS[estimator] + [
-        f"model_path={policy_dir}", f"trainer.total_training_steps={steps}", f"trainer.default_local_dir={out_dir}",
-        f"trainer.experiment_name={task}-{estimator}-seed{seed}", f"seed.train={10000 + 100000 * seed}",
-    ] + list(extra))
+                  quick: bool = False, extra: list[str] = (), real: bool = False) -> list[str]:
+    """Overrides of one run: on ``config/base.yaml`` for the small policy, on ``config/archer.yaml`` (the main
+    job) for a real LLM (``real``)."""
+    run = [f"model_path={policy_dir}", f"trainer.total_training_steps={steps}", f"trainer.default_local_dir={out_dir}",
+           f"trainer.experiment_name={task}-{estimator}-seed{seed}", f"seed.train={10000 + 100000 * seed}"]
+    if real:
+        tag = TASKS[task]["tag"]
+        own = [] if task == "frozenlake" else TASKS[task]["overrides"]  # archer.yaml is FrozenLake already
+        return _follow_env_groups([f"es_manager.train.env_configs.tags=[{tag}]",
+                                   f"es_manager.val.env_configs.tags=[{tag}]"] + own + ESTIMATORS[estimator]
+                                  + run + REAL_POLICY_SET + list(extra))
+    return _follow_env_groups(task_overrides(task, quick) + ESTIMATORS[estimator] + run + list(extra))
 
 
-# --------------------------------------------------------------------------------------------- policy
 def ensure_policy(task: str, runs: str, quick: bool, warmup_steps: int, log=print) -> str:
     """The format-warmed-up policy of ``task`` (built once under ``runs``; later calls reuse it)."""
     from bench.small_policy import build_policy_dir, format_warmup
@@ -211,7 +217,7 @@ def ensure_policy(task: str, runs: str, quick: bool, warmup_steps: int, log=prin
 
 # --------------------------------------------------------------------------------------------- one run
 def train_one(task: str, estimator: str, seed: int, policy_dir: str, out_json: str, steps: int, quick: bool,
-              extra: list[str]) -> dict[str, Any]:
+              extra: list[str], real: bool = False) -> dict[str, Any]:
     """Train one (task, estimator, seed) in this process and write its points to ``out_json``."""
     import torch
 
@@ -220,7 +226,8 @@ def train_one(task: str, estimator: str, seed: int, policy_dir: str, out_json: s
     from ragen.trainer.agent_trainer import AgentTrainer
 
     out_dir = os.path.join(os.path.dirname(out_json), f"seed{seed}_trainer")
-    cfg = compose(run_overrides(task, estimator, seed, policy_dir, out_dir, steps, quick, extra))
+    overrides = run_overrides(task, estimator, seed, policy_dir, out_dir, steps, quick, extra, real)
+    cfg = compose(overrides, REAL_POLICY_CONFIG if real else "base")
     start = time.perf_counter()
     trainer = AgentTrainer(cfg)
     setup_s = time.perf_counter() - start
@@ -245,8 +252,8 @@ def train_one(task: str, estimator: str, seed: int, policy_dir: str, out_json: s
             "val_format_ok": h.get("val/env/all/format_ok_rate"), "train_reward": h.get("train/env/all/reward"),
         })
     result = {"task": task, "estimator": estimator, "seed": seed, "steps": steps, "setup_s": setup_s,
-              "total_s": total_s, "overrides": run_overrides(task, estimator, seed, policy_dir, out_dir, steps,
-                                                             quick, extra), "points": points}
+              "total_s": total_s, "overrides": overrides, "config": REAL_POLICY_CONFIG if real else "base",
+              "points": points}
     os.makedirs(os.path.dirname(out_json), exist_ok=True)
     with open(out_json + ".tmp", "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=1)
@@ -261,7 +268,8 @@ def launch(job: dict[str, Any]) -> tuple[dict[str, Any], int, float]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, os.path.abspath(__file__), "--_run", job["task"], job["estimator"], str(job["seed"]),
-           job["policy"], job["out"], str(job["steps"])] + (["--quick"] if job["quick"] else [])
+           job["policy"], job["out"], str(job["steps"])] + (["--quick"] if job["quick"] else []) \
+        + (["--real-policy"] if job["real"] else [])
     for o in job["extra"]:
         cmd += ["--set", o]
     tick = time.time()
@@ -486,9 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-steps", type=int, default=150, help="format warm-up steps (once per task)")
     p.add_argument("--policy", default="small",
                    help="'small' (the from-scratch policy of bench/small_policy.py, built once per task) or a "
-                        "real model: alias (smollm2-135m), HF directory or .gguf; a real model gets the "
-                        "FULL_SIZE overrides (response length 16, lr 1e-5, device/precision auto, 8 format "
-                        "warm-up steps per run) - meant for a GPU, see README")
+                        "real model: alias (smollm2-135m), HF directory or .gguf; each run of a real model is the "
+                        "main job (config/archer.yaml) with the estimator and seed changed")
     p.add_argument("--results", default=RESULTS, help="summaries, points CSV and plots (default bench/results)")
     p.add_argument("--runs", default=RUNS, help="raw per-seed runs and the warmed-up policies (not in git)")
     p.add_argument("--tag", default="", help="suffix for a variant (runs<tag>/, summary<tag>.md, ...)")
@@ -501,11 +508,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny smoke run: 1 seed, 2 steps, tiny batches")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--_run", nargs=6, help=argparse.SUPPRESS)
+    p.add_argument("--real-policy", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args._run:
         task, est, seed, policy, out, steps = args._run
-        train_one(task, est, int(seed), policy, out, int(steps), args.quick, args.set)
+        train_one(task, est, int(seed), policy, out, int(steps), args.quick, args.set, args.real_policy)
         return 0
 
     results, runs_dir = os.path.abspath(args.results), os.path.abspath(args.runs)
@@ -526,13 +534,20 @@ def main(argv: list[str] | None = None) -> int:
                                        log=tqdm.write)
             else:
                 policy = args.policy
-            steps = 2 if args.quick else (args.steps or TASKS[task]["steps"])
+            if args.quick:
+                steps = 2
+            elif args.steps:
+                steps = args.steps
+            elif args.policy == "small":
+                steps = TASKS[task]["steps"]
+            else:
+                steps = int(compose([], REAL_POLICY_CONFIG).trainer.total_training_steps)
             for seed in range(args.seeds):
                 for est in args.estimators:
                     out = os.path.join(runs_dir, "runs" + args.tag, task, est, f"seed{seed}.json")
                     jobs.append({"task": task, "estimator": est, "seed": seed, "policy": policy, "out": out,
                                  "steps": steps, "quick": args.quick,
-                                 "extra": ([] if args.policy == "small" else FULL_SIZE) + args.set})
+                                 "extra": args.set, "real": args.policy != "small"})
         todo = [j for j in jobs if not os.path.isfile(j["out"])]
         tqdm.write(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to go "
                    f"({args.workers} at a time)")

@@ -279,7 +279,8 @@ def _val_groups() -> EnvGroupsConfig:
 
 @dataclass
 class EsManagerConfig:
-    format_penalty: float = key(-0.1, "added to a turn's score when its answer is malformed or invalid")
+    format_penalty: float = key(-0.1, "added to a turn's score when its answer is malformed, invalid "
+                                "or holds more actions than max_actions_per_turn")
     train: EnvGroupsConfig = group(EnvGroupsConfig)
     val: EnvGroupsConfig = field(default_factory=_val_groups, metadata={"doc": "", "check": None})
 

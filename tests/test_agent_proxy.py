@@ -170,7 +170,8 @@ def test_parse_response_cases(tok):
     ctx = ContextManager(make_config(**{"agent_proxy.max_actions_per_turn": 2}), tok)
     assert ctx.parse_response("<think>go right</think><answer>Right</answer>") == (["Right"], True)
     assert ctx.parse_response("<answer> Right </answer>") == (["Right"], True)  # think is optional
-    assert ctx.parse_response("<answer>Right || Left || Right</answer>") == (["Right", "Left"], True)
+    # every action comes back, also over the cap of 2 (the proxy takes the first two and penalises the rest)
+    assert ctx.parse_response("<answer>Right || Left || Right</answer>") == (["Right", "Left", "Right"], True)
     assert ctx.parse_response("<answer>Right||</answer>") == (["Right"], True)
     assert ctx.parse_response("Right") == ([], False)
     assert ctx.parse_response("<answer></answer>") == ([], False)
@@ -196,7 +197,7 @@ def test_prefill_parse_and_prompt(tok):
 def test_parse_roundtrip_property(tok_cached, actions, sep):
     ctx = tok_cached
     actions_out, ok = ctx.parse_response("<answer>" + sep.join(actions) + "</answer>")
-    assert ok and actions_out == actions[:3]
+    assert ok and actions_out == actions
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +315,10 @@ def test_multiple_actions_per_turn_and_cap(tok):
     # turn 1: Left, Right (cap 2) -> pos 1; turn 2: Left, Right -> pos 1; never done
     assert all(env.actions == ["Left", "Right", "Left", "Right"] for env in envs)
     assert out.meta_info["metrics"]["env/all/num_actions"] == pytest.approx(4.0)
+    # the third action is not taken: the turn costs the format penalty and the model is told so
+    penalty = ap.format_penalty
+    assert all([r["reward"] for r in recs] == [penalty, penalty] for recs in out.non_tensor_batch["turn_records"])
+    assert "More than 2 action(s): not taken: Right." in out.non_tensor_batch["turn_records"][0][1]["obs"]
     ap, _ = proxy(tok, lambda text, c, j: "<answer>Right || Right || Left</answer>",
                   **{"agent_proxy.max_actions_per_turn": 3})
     out = ap.rollout("train", step=0)

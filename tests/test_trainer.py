@@ -254,6 +254,28 @@ def test_train_py_end_to_end(tmp_path, tiny_cli):
     assert (out / LATEST_FILE).read_text().strip() == "1" and (out / "global_step_1" / "workers").is_dir()
 
 
+@pytest.mark.parametrize("task", ["frozenlake", "bandit"])
+def test_run_archer_example_end_to_end(tmp_path, task):
+    """The demo script: the main job's config (multi-turn FrozenLake) or the Bandit, shrunk to the tiny model;
+    prints before/after and writes its learning curve."""
+    shrink = ["micro_batch_size_per_gpu=2", "ppo_mini_batch_size=4", "es_manager.train.env_groups=2",
+              "es_manager.train.group_size=2", "es_manager.train.env_configs.n_groups=[2]",
+              "es_manager.val.env_groups=2", "es_manager.val.env_configs.n_groups=[2]", "format_warmup.steps=1",
+              "archer.critic.updates=2", "archer.critic.batch_size=8", "archer.critic.policy_samples=2",
+              "agent_proxy.max_turn=2", "trainer.device=cpu", "trainer.precision=fp32"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, str(REPO / "run_archer_example.py"), "--task", task,
+                           "--model", "tiny-random", "--steps", "2", "--out", str(out), "--set", *shrink],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "validation success rate" in proc.stdout and (out / "learning_curve.png").stat().st_size > 0
+    rows = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in rows if "val/env/all/success_rate" in r] == [0, 1, 2]
+    tag = "FrozenLake" if task == "frozenlake" else "Bandit"
+    assert f"val/env/{tag}/success_rate" in rows[-1]
+
+
 def test_train_py_config_error(tmp_path):
     proc = _run_train(["algorithm.adv_estimator=nonsense", f"hydra.run.dir={tmp_path / 'hydra'}",
                        "hydra.output_subdir=null"], cwd=tmp_path, timeout=120)

@@ -5,8 +5,9 @@
 1. resets the env manager of ``mode`` (seeds per group, see ``es_manager``);
 2. for up to ``agent_proxy.max_turn`` turns, LEFT-pads the token contexts of the still-active envs into
    one ``workers.generate`` call, appends the generated ids to each row (loss mask 1), parses the answers,
-   steps the envs and appends the next user message (loss mask 0); a malformed answer or an invalid
-   action adds ``es_manager.format_penalty`` to the turn's score;
+   steps the envs and appends the next user message (loss mask 0); a malformed answer, an invalid
+   action or more actions than ``agent_proxy.max_actions_per_turn`` (the extra ones are not taken) add
+   ``es_manager.format_penalty`` to the turn's score;
 3. builds the right-padded ``[B, T]`` batch: ``input_ids``, ``attention_mask``, ``position_ids``,
    ``loss_mask``, ``token_level_rewards`` (+ ``uid``, ``env_tag``, ``episode_success``, ``turn_records``),
    optionally keeping only the groups with the highest within-group reward spread
@@ -224,8 +225,12 @@ class AgentProxy:
                 text, n_gen = self.ctx.append_response(dialogues[i], gen_ids)
                 gen_tokens += n_gen
                 actions, format_ok = self.ctx.parse_response(text)
+                cap = self.ctx.max_actions_per_turn
+                # actions over the per-turn cap are not taken and cost the format penalty (else a policy is
+                # free to pad its answers with them until replies overrun response_length)
+                actions, dropped = actions[:cap], actions[cap:]
                 obs, env_reward, done, info = esm.step(i, actions)
-                penalized = (not format_ok) or info["any_invalid"]
+                penalized = (not format_ok) or info["any_invalid"] or bool(dropped)
                 score = float(env_reward) + (self.format_penalty if penalized else 0.0)
                 if turn == self.max_turn and not done:
                     esm.finish(i)
@@ -234,7 +239,7 @@ class AgentProxy:
                     next_text = ""
                 else:
                     message = self.ctx.next_user_message(obs, env_reward, turn + 1, st.actions_left,
-                                                         format_ok, info["invalid_actions"])
+                                                         format_ok, info["invalid_actions"], dropped)
                     self.ctx.append_user(dialogues[i], message)
                     next_text = self.ctx.dialogue_text(dialogues[i])
                 cur_text[i] = next_text

@@ -123,12 +123,17 @@ class ContextManager:
         return "\n".join(parts)
 
     def next_user_message(self, obs: str, reward: float, turn: int, actions_left: int | None = None,
-                          format_ok: bool = True, invalid_actions: list[str] | None = None) -> str:
+                          format_ok: bool = True, invalid_actions: list[str] | None = None,
+                          dropped_actions: list[str] | None = None) -> str:
         feedback = f"Reward: {float(reward):g}."
         if not format_ok:
             feedback += " Your reply had no valid <answer>...</answer>, so no action was taken."
-        elif invalid_actions:
-            feedback += " Invalid action(s): " + ", ".join(invalid_actions) + "."
+        else:
+            if invalid_actions:
+                feedback += " Invalid action(s): " + ", ".join(invalid_actions) + "."
+            if dropped_actions:
+                feedback += (f" More than {self.max_actions_per_turn} action(s): not taken: "
+                             + ", ".join(dropped_actions) + ".")
         return "\n".join([feedback, self._status(turn, actions_left), "State:\n" + obs, self.format_reminder()])
 
     # ------------------------------------------------------------------ token rows
@@ -188,7 +193,9 @@ class ContextManager:
 
     # ------------------------------------------------------------------ parsing
     def parse_response(self, text: str) -> tuple[list[str], bool]:
-        """``(actions, format_ok)`` from a generated reply (which follows the prefill when it is on)."""
+        """``(actions, format_ok)`` from a generated reply (which follows the prefill when it is on): every
+        action of the answer, also beyond ``max_actions_per_turn`` (the caller takes the first ones and
+        penalises the rest: nothing is dropped silently)."""
         full = self.prefill + (text or "")
         match = _ANSWER_RE.search(full)
         if match is None:
@@ -197,7 +204,7 @@ class ContextManager:
         actions = [a for a in actions if a]
         if not actions:
             return [], False
-        return actions[: self.max_actions_per_turn], True
+        return actions, True
 
     # ------------------------------------------------------------------ self-check
     def _check_template_boundaries(self) -> None:
