@@ -251,7 +251,8 @@ class CriticConfig:
 class AgentProxyConfig:
     max_turn: int = key(5, "turns per episode", at_least(1))
     action_sep: str = key("||", "separator of several actions in one answer")
-    max_actions_per_turn: int = key(5, "actions executed per answer at most", at_least(1))
+    max_actions_per_turn: int = key(5, "actions executed per answer at most (more are not taken and cost the "
+                                       "format penalty)", at_least(1))
     use_turn_scores: bool = key(False, "each turn's score on its last generated token (else the episode score "
                                        "once, at the end)")
     enable_think: bool = key(False, "allow <think>...</think> before <answer>")
