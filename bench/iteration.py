@@ -4,6 +4,7 @@
     python bench/iteration.py --episodes 32 --turns 5          # FrozenLake, 32 episodes x up to 5 turns
     python bench/iteration.py --baseline-ref HEAD~3            # any git ref as the baseline
     python bench/iteration.py --baseline-set trainer.precision=fp32 --baseline-ref ""   # two settings, this tree
+    python bench/iteration.py --baseline-ref "" --candidate-env LD_PRELOAD=libtcmalloc_minimal.so.4   # allocator
 
 Each setting runs in a subprocess of its own (a fresh process, its own PYTHONPATH: the baseline is a temporary
 git worktree at ``--baseline-ref``, default the commit this project started the session from), builds the
@@ -162,13 +163,14 @@ def _engine_stats(workers) -> dict[str, float]:
     return dict(stats) if isinstance(stats, dict) else {}
 
 
-def run_setting(label: str, tree: str, config: str, overrides: list[str], iterations: int) -> dict[str, Any]:
+def run_setting(label: str, tree: str, config: str, overrides: list[str], iterations: int,
+                extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     spec = {"label": label, "tree": tree, "config": config, "overrides": overrides, "iterations": iterations}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(spec, fh)
         spec_path = fh.name
     out_path = spec_path + ".out"
-    env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {}))
     cmd = [sys.executable, os.path.join(HERE, "iteration.py"), "--_measure", spec_path, out_path]
     print(f"[{label}] {tree} :: {' '.join(overrides[-6:])} ...", flush=True)
     proc = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
@@ -262,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--candidate-set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="overrides for both settings")
+    p.add_argument("--baseline-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable of the baseline's process (e.g. LD_PRELOAD=...)")
+    p.add_argument("--candidate-env", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--json", default=None, help="also write both results here")
     p.add_argument("--_measure", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -277,10 +282,19 @@ def main(argv: list[str] | None = None) -> int:
     shared = task_overrides(args.episodes, args.turns, args.response_length) + args.set
     base_tree = baseline_tree(args.baseline_ref) if args.baseline_ref else ROOT
     base_label = f"code at {args.baseline_ref}" if args.baseline_ref else "this tree"
-    base = run_setting(base_label + (" + " + " ".join(args.baseline_set) if args.baseline_set else ""), base_tree,
-                       args.config, shared + args.baseline_set, args.iterations)
-    cand = run_setting("this tree" + (" + " + " ".join(args.candidate_set) if args.candidate_set else ""), ROOT,
-                       args.config, shared + args.candidate_set, args.iterations)
+    def label(start: str, sets: list[str], envs: list[str]) -> str:
+        return " + ".join([start] + sets + envs)
+
+    def environ(pairs: list[str]) -> dict[str, str]:
+        bad = [p for p in pairs if "=" not in p]
+        if bad:
+            raise SystemExit(f"--baseline-env / --candidate-env take NAME=VALUE, got {bad}")
+        return dict(p.split("=", 1) for p in pairs)
+
+    base = run_setting(label(base_label, args.baseline_set, args.baseline_env), base_tree, args.config,
+                       shared + args.baseline_set, args.iterations, environ(args.baseline_env))
+    cand = run_setting(label("this tree", args.candidate_set, args.candidate_env), ROOT, args.config,
+                       shared + args.candidate_set, args.iterations, environ(args.candidate_env))
     text = report(base, cand)
     print(f"\nconfig {args.config}: {args.episodes} FrozenLake episodes x up to {args.turns} turns, "
           f"{args.response_length} new tokens per turn at most\n")
