@@ -29,7 +29,7 @@ from verl.workers.config.actor import ActorConfig
 
 from ragen.config import RunConfig, load_config, resolve_device
 from ragen.models import load_causal_lm, load_tokenizer, load_value_model
-from ragen.workers.hf_engine import PrefixCachingEngine
+from ragen.workers.hf_engine import PrefixCachingEngine, generate_padded
 from ragen.workers.protocol import Sampling
 
 logger = logging.getLogger(__name__)
@@ -400,12 +400,8 @@ class LocalWorkers:
                                       temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
                                       eos_token_id=self.eos_token_id)
         self.actor.eval()
-        replies = self.engine.generate([row[m.bool()].tolist() for row, m in zip(ids, mask)], sampling)
-        responses = torch.full((ids.shape[0], sampling.max_new_tokens), self.pad_token_id, dtype=torch.long)
-        response_mask = torch.zeros_like(responses)
-        for i, reply in enumerate(replies):  # the engine stops each row at its first eos
-            responses[i, : len(reply)] = torch.tensor(reply, dtype=torch.long)
-            response_mask[i, : len(reply)] = 1
+        # the engine stops each row at its first eos
+        responses, response_mask = generate_padded(self.engine, ids, mask, sampling, self.pad_token_id)
         return DataProto.from_dict(tensors={"responses": responses, "response_mask": response_mask},
                                    meta_info={"max_new_tokens": sampling.max_new_tokens,
                                               "do_sample": sampling.do_sample, "temperature": sampling.temperature})
