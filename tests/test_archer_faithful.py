@@ -187,3 +187,21 @@ def test_replay_actor_batch_is_replay_states_with_fresh_replies_and_the_critics_
         adv = batch.batch["advantages"][row]
         assert torch.all(adv[~mask] == 0)
         torch.testing.assert_close(adv[mask], (q - v).expand(int(mask.sum())))  # the critic's advantage
+
+
+def test_archer_paper_preset_trains_end_to_end(small_config):
+    """config/archer_paper.yaml through the fit loop: critic-only warm-up, then the replay actor with REINFORCE."""
+    from ragen.trainer.agent_trainer import AgentTrainer
+
+    cfg = small_config("archer.alpha=0", "archer.warmup_iters=1", "trainer.total_training_steps=2",
+                       "archer.actor.replay_batch_size=4", config_name="archer_paper")
+    trainer = AgentTrainer(cfg)
+    assert trainer.config.actor_rollout_ref.actor.policy_loss == "reinforce"
+    assert trainer.config.archer.actor.data == "replay" and trainer.config.archer.critic.v_target == "policy"
+    actor = [p.detach().clone() for p in trainer.workers.actor.parameters()]
+    warmup = trainer.train_step(0)
+    assert "actor/pg_loss" not in warmup and warmup["utterance_critic/steps"] > 0
+    assert all(torch.equal(a, p) for a, p in zip(actor, trainer.workers.actor.parameters()))
+    after = trainer.train_step(1)
+    assert after["actor/replay_states"] == 4 and torch.isfinite(torch.tensor(after["actor/pg_loss"]))
+    assert any(not torch.equal(a, p) for a, p in zip(actor, trainer.workers.actor.parameters()))
