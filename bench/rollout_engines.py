@@ -347,10 +347,14 @@ def main() -> None:
         parts.append("## FrozenLake rollout, 32 episodes x up to 5 turns\n\n" + rollout_table(records))
     if len(mallocs) == 2:
         parts.append("## tcmalloc against glibc malloc\n\n" + malloc_ratio_table(records))
-    text = "\n\n".join(parts) + "\n"
+    report("\n\n".join(parts) + "\n", args.out)
+
+
+def report(text: str, out: str | None) -> None:
+    """Print a finished report and, with ``out``, write it there."""
     print("\n" + text)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(text)
 
 

@@ -31,7 +31,16 @@ import torch
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
-from bench.rollout_engines import Backend, best, frozenlake_config, rollout_table, run_rollout, timed, variants  # noqa: E402
+from bench.rollout_engines import (  # noqa: E402
+    Backend,
+    best,
+    frozenlake_config,
+    report,
+    rollout_table,
+    run_rollout,
+    timed,
+    variants,
+)
 
 SERVER = os.path.join(HERE, "bench", "vllm_server.py")
 SHM_WEIGHTS = "/dev/shm/ragen_policy.safetensors"
@@ -194,11 +203,7 @@ def main() -> None:
                      f"| {best([r['reload_s'] for r in rs]):.2f} | {best([r['round_trip_s'] for r in rs]):.2f} "
                      f"| {sum(r['answer_changed'] for r in rs)}/{len(rs)} |")
     lines += [""] + [f"- {name}: {ok}" for name, ok in checks.items()]
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":
