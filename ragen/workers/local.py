@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 import time
@@ -30,7 +29,7 @@ from verl.workers.config.actor import ActorConfig
 from ragen.config import RunConfig, load_config, resolve_device
 from ragen.models import load_causal_lm, load_tokenizer, load_value_model
 from ragen.workers.hf_engine import PrefixCachingEngine, generate_padded
-from ragen.workers.protocol import Sampling
+from ragen.workers.protocol import Sampling, read_worker_state, write_worker_state
 
 logger = logging.getLogger(__name__)
 
@@ -575,20 +574,11 @@ class LocalWorkers:
                 torch.save(unit.optim.state_dict(), os.path.join(directory, f"{unit.name}_optim.pt"))
         state = {"actor_updates": self._actor.updates, "critic_updates": self._critic.updates if self._critic else 0,
                  "lora_rank": self.lora_rank, "has_critic": self._critic is not None, "actor_path": self.actor_path}
-        with open(os.path.join(directory, _STATE_FILE), "w") as f:
-            json.dump(state, f, indent=2)
+        write_worker_state(os.path.join(directory, _STATE_FILE), state)
 
     def load_checkpoint(self, directory: str) -> None:
-        state_path = os.path.join(directory, _STATE_FILE)
-        if not os.path.isfile(state_path):
-            raise FileNotFoundError(f"{directory} is not a LocalWorkers checkpoint (no {_STATE_FILE})")
-        with open(state_path) as f:
-            state = json.load(f)
-        if int(state.get("lora_rank", 0)) != self.lora_rank:
-            raise ValueError(f"checkpoint was saved with lora.rank={state.get('lora_rank')} but lora.rank="
-                             f"{self.lora_rank} now")
-        if self._critic is not None and not state.get("has_critic"):
-            raise ValueError(f"checkpoint {directory} has no critic but this run uses one")
+        state = read_worker_state(os.path.join(directory, _STATE_FILE), "LocalWorkers", self.lora_rank,
+                                  self._critic is not None)
         for unit in (self._actor, self._critic):
             if unit is None:
                 continue

@@ -5,6 +5,8 @@ Every method takes and returns ``verl.DataProto`` (or a metrics dict), so the fi
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -76,3 +78,23 @@ class Sampling:
             seed=None if seed is None else int(seed),
             eos_ids=[int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])],
         )
+
+
+def write_worker_state(path: str, state: dict[str, Any]) -> None:
+    """The JSON state file a backend writes next to its weights (``lora_rank`` and ``has_critic`` included)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(state, fh, indent=2)
+
+
+def read_worker_state(path: str, backend: str, lora_rank: int, uses_critic: bool) -> dict[str, Any]:
+    """Read a checkpoint's state file and refuse one this run cannot load (another LoRA rank, no critic)."""
+    directory = os.path.dirname(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} is not a {backend} checkpoint (no {os.path.basename(path)})")
+    with open(path, encoding="utf-8") as fh:
+        state = json.load(fh)
+    if int(state.get("lora_rank", 0)) != lora_rank:
+        raise ValueError(f"checkpoint was saved with lora.rank={state.get('lora_rank')} but lora.rank={lora_rank} now")
+    if uses_critic and not state.get("has_critic"):
+        raise ValueError(f"checkpoint {directory} has no critic but this run uses one")
+    return state

@@ -16,7 +16,6 @@ estimation, the utterance critic, all in the driver process) and moves the model
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import uuid
@@ -29,7 +28,7 @@ from omegaconf import OmegaConf
 from verl import DataProto
 
 from ragen.config import ConfigError, RunConfig, load_config
-from ragen.workers.protocol import Sampling
+from ragen.workers.protocol import Sampling, read_worker_state, write_worker_state
 from ragen.workers.verl_backend.config import (
     build_verl_config,
     check_verl_config,
@@ -510,22 +509,13 @@ class VerlWorkers:
         state = {"backend": "verl", "actor_updates": self._actor_updates, "critic_updates": self._critic_updates,
                  "lora_rank": self.lora_rank, "has_critic": self.critic_wg is not None,
                  "actor_path": str(self.verl_config.actor_rollout_ref.model.path), "n_gpus": self.n_gpus}
-        with open(os.path.join(directory, _STATE_FILE), "w", encoding="utf-8") as fh:
-            json.dump(state, fh, indent=2)
+        write_worker_state(os.path.join(directory, _STATE_FILE), state)
 
     def load_checkpoint(self, directory: str) -> None:
         self._require_started()
         directory = os.path.abspath(directory)
-        state_path = os.path.join(directory, _STATE_FILE)
-        if not os.path.isfile(state_path):
-            raise FileNotFoundError(f"{directory} is not a VerlWorkers checkpoint (no {_STATE_FILE})")
-        with open(state_path, encoding="utf-8") as fh:
-            state = json.load(fh)
-        if int(state.get("lora_rank", 0)) != self.lora_rank:
-            raise ValueError(f"checkpoint was saved with lora.rank={state.get('lora_rank')} but lora.rank="
-                             f"{self.lora_rank} now")
-        if self.critic_wg is not None and not state.get("has_critic"):
-            raise ValueError(f"checkpoint {directory} has no critic but this run uses one")
+        state = read_worker_state(os.path.join(directory, _STATE_FILE), "VerlWorkers", self.lora_rank,
+                                  self.critic_wg is not None)
         self._sleep_rollout()
         self.actor_rollout_wg.load_checkpoint(os.path.join(directory, "actor"), None, False)
         if self.critic_wg is not None:
