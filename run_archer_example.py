@@ -10,6 +10,10 @@ and ``learning_curve.png``.
 """
 from __future__ import annotations
 
+from preload_tcmalloc import relaunch_with_tcmalloc
+
+relaunch_with_tcmalloc()  # before torch is imported (RAGEN_ALLOCATOR=system turns it off)
+
 import argparse
 import os
 import time

@@ -6,6 +6,10 @@
 """
 from __future__ import annotations
 
+from preload_tcmalloc import relaunch_with_tcmalloc
+
+relaunch_with_tcmalloc()  # before torch is imported (RAGEN_ALLOCATOR=system turns it off)
+
 import hydra
 from omegaconf import DictConfig
 

@@ -4,7 +4,7 @@
     python bench/iteration.py --episodes 32 --turns 5          # FrozenLake, 32 episodes x up to 5 turns
     python bench/iteration.py --baseline-ref HEAD~3            # any git ref as the baseline
     python bench/iteration.py --baseline-set trainer.precision=fp32 --baseline-ref ""   # two settings, this tree
-    python bench/iteration.py --baseline-ref "" --candidate-env LD_PRELOAD=libtcmalloc_minimal.so.4   # allocator
+    python bench/iteration.py --baseline-ref "" --baseline-env RAGEN_ALLOCATOR=system     # glibc vs tcmalloc
 
 Each setting runs in a subprocess of its own (a fresh process, its own PYTHONPATH: the baseline is a temporary
 git worktree at ``--baseline-ref``, default the commit this project started the session from), builds the
@@ -12,11 +12,12 @@ trainer from ``config/<--config>.yaml`` + the shared overrides + its own ``--*-s
 ``--iterations`` training iterations (the last one is reported; no format warm-up, so replies run to their
 length limit unless the model stops), and times every worker call: rollout (generate), old log-probs,
 reference, token values, utterance-critic TD steps, critic update, actor update.  For each phase the table gives
-seconds, tokens (real, non-padding), the achieved GFLOP/s counted as 2 N per token forward and 6 N per token
-forward + backward (N = the policy's parameters; recomputation and attention not counted), and that rate as a
-share of the machine's matmul rate measured in this same run on the model's own shapes in the precision the
-setting used.  Rollout: prompt tokens sent, tokens generated, and the engine's own prefill / decode split when
-it reports one.  Ratios (baseline / candidate) are what to read: the machine is shared and noisy.
+seconds, tokens (real, non-padding), the achieved GFLOP/s of the model's useful work (``model_flops``: 2 FLOPs
+per weight per token forward, 6 forward + backward; the decoder body on every token, the LM head only on the
+tokens that need a distribution, causal attention from the rows' lengths; recomputation not counted), and that
+rate as a share of the machine's matmul rate measured in this same run on the model's own shapes in the
+precision the setting used.  Rollout: prompt tokens sent, tokens generated, and the engine's own prefill /
+decode split when it reports one.  Ratios (baseline / candidate) are what to read: the machine is shared and noisy.
 """
 from __future__ import annotations
 
@@ -109,8 +110,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             return out
         return wrapper
 
-    def real_tokens(data, out):
-        return {"tokens": float(data.batch["attention_mask"].sum())}
+    def real_tokens(data, out, times: int = 1):
+        """Real tokens, the sum of squared row lengths (causal attention) and loss tokens (LM head)."""
+        lengths = data.batch["attention_mask"].sum(-1).double()
+        counts = {"tokens": float(lengths.sum()), "tokens_sq": float((lengths ** 2).sum())}
+        if "loss_mask" in data.batch.keys():
+            counts["loss_tokens"] = float(data.batch["loss_mask"].sum())
+        return {k: times * v for k, v in counts.items()}
 
     generate = workers.generate
 
@@ -131,10 +137,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     workers.compute_ref_log_probs = timed("ref_log_probs", workers.compute_ref_log_probs, real_tokens)
     if getattr(workers, "critic", None) is not None:
         workers.compute_values = timed("values", workers.compute_values, real_tokens)
-        workers.update_critic = timed("update_critic", workers.update_critic,
-                                      lambda d, o: {"tokens": epochs * float(d.batch["attention_mask"].sum())})
-    workers.update_actor = timed("update_actor", workers.update_actor,
-                                 lambda d, o: {"tokens": epochs * float(d.batch["attention_mask"].sum())})
+        workers.update_critic = timed("update_critic", workers.update_critic, lambda d, o: real_tokens(d, o, epochs))
+    workers.update_actor = timed("update_actor", workers.update_actor, lambda d, o: real_tokens(d, o, epochs))
     if trainer.utterance_critic is not None:
         critic = trainer.utterance_critic
         critic.update = timed("utterance_critic", critic.update, lambda d, o: {})
@@ -147,10 +151,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     model = workers.actor
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
+    embed, head = base.get_input_embeddings().weight, base.get_output_embeddings().weight
+    params = sum(p.numel() for p in base.parameters())
     return {
         "label": spec["label"], "phases": record,
-        "params": sum(p.numel() for p in base.parameters()),
+        "params": params, "head_params": head.numel(),
+        "body_params": params - embed.numel() - (0 if head is embed else head.numel()),
+        "layers": int(cfg.num_hidden_layers), "hidden": int(cfg.hidden_size),
         "precision": getattr(workers, "precision", "?"), "threads": torch.get_num_threads(),
+        "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc",
         "rows": metrics.get("train/rollout/num_rows"), "row_len_mean": metrics.get("train/rollout/row_len_mean"),
         "rates": matmul_rates(int(cfg.hidden_size), int(cfg.intermediate_size), int(cfg.vocab_size)),
     }
@@ -171,6 +180,12 @@ def run_setting(label: str, tree: str, config: str, overrides: list[str], iterat
         spec_path = fh.name
     out_path = spec_path + ".out"
     env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {}))
+    if os.path.isfile(os.path.join(tree, "preload_tcmalloc.py")):
+        # a tree whose train.py picks the allocator runs under the one it would pick (RAGEN_ALLOCATOR honoured)
+        sys.path.insert(0, ROOT)
+        from preload_tcmalloc import with_tcmalloc
+
+        env = with_tcmalloc(env)
     cmd = [sys.executable, os.path.join(HERE, "iteration.py"), "--_measure", spec_path, out_path]
     print(f"[{label}] {tree} :: {' '.join(overrides[-6:])} ...", flush=True)
     proc = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
@@ -190,25 +205,32 @@ def baseline_tree(ref: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- report
+def model_flops(result: dict[str, Any], phase: str, entry: dict[str, float]) -> float:
+    """The useful work of one phase: 2 FLOPs per weight per token forward, 6 forward + backward (recomputation
+    not counted), for the decoder body on every token, the LM head on the tokens that need a distribution
+    (loss tokens in training and scoring, generated tokens in the rollout), and causal attention (QK^T and AV:
+    2 L d T^2 per row forward; counted where row lengths are known, i.e. not in the rollout)."""
+    body, head, attention = result["body_params"], result["head_params"], result["layers"] * result["hidden"]
+    if entry.get("generated"):
+        # forward passes run: the engine's prefilled tokens when it reports them (the rest came from its
+        # cache), else every prompt token (HF generate re-prefills the whole dialogue), plus generated ones
+        prefilled = entry.get("engine_prefilled_tokens") or entry.get("prompt_tokens", 0.0)
+        return 2 * (body * (prefilled + entry["generated"]) + head * entry["generated"])
+    passes = 3 if phase.startswith("update") else 1
+    head_tokens = 0.0 if phase in ("values", "update_critic") else entry.get("loss_tokens", entry.get("tokens", 0.0))
+    return 2 * passes * (body * entry.get("tokens", 0.0) + head * head_tokens + attention * entry.get("tokens_sq", 0.0))
+
+
 def phase_rows(result: dict[str, Any]) -> dict[str, dict[str, float]]:
-    n, rates = result["params"], result["rates"]
+    rates = result["rates"]
     peak = rates["bf16" if result["precision"] == "bf16" else "fp32"]
     rows = {}
     for phase in PHASES:
         entry = result["phases"].get(phase)
         if not entry:
             continue
-        tokens = entry.get("tokens", 0.0)
-        if entry.get("generated"):
-            # forward passes run: the engine's prefilled tokens when it reports them (the rest came from its
-            # cache), else every prompt token (HF generate re-prefills the whole dialogue), plus generated ones
-            tokens = entry["generated"]
-            prefilled = entry.get("engine_prefilled_tokens") or entry.get("prompt_tokens", 0.0)
-            flops = 2 * n * (prefilled + tokens)
-        elif phase.startswith("update"):
-            flops = 6 * n * tokens
-        else:
-            flops = 2 * n * tokens
+        tokens = entry.get("generated") or entry.get("tokens", 0.0)
+        flops = model_flops(result, phase, entry)
         gflops = flops / entry["s"] / 1e9 if entry["s"] > 0 and flops else 0.0
         rows[phase] = {"s": entry["s"], "tokens": tokens, "gflops": gflops, "share": gflops / peak if peak else 0.0,
                        "prompt_tokens": entry.get("prompt_tokens", 0.0)}
@@ -218,12 +240,11 @@ def phase_rows(result: dict[str, Any]) -> dict[str, dict[str, float]]:
 def report(base: dict[str, Any], cand: dict[str, Any]) -> str:
     b, c = phase_rows(base), phase_rows(cand)
     lines = [
-        f"baseline: {base['label']} (precision {base['precision']}, {base['threads']} threads, {base['rows']} rows, "
-        f"mean row {base['row_len_mean']:.0f} tokens; matmul fp32 {base['rates']['fp32']:.0f} / bf16 "
-        f"{base['rates']['bf16']:.0f} GFLOP/s)",
-        f"candidate: {cand['label']} (precision {cand['precision']}, {cand['threads']} threads, {cand['rows']} rows, "
-        f"mean row {cand['row_len_mean']:.0f} tokens; matmul fp32 {cand['rates']['fp32']:.0f} / bf16 "
-        f"{cand['rates']['bf16']:.0f} GFLOP/s)",
+        f"{who}: {r['label']} (precision {r['precision']}, {r.get('allocator', '?')}, {r['threads']} threads, "
+        f"{r['rows']} rows, mean row {r['row_len_mean']:.0f} tokens; matmul fp32 {r['rates']['fp32']:.0f} / bf16 "
+        f"{r['rates']['bf16']:.0f} GFLOP/s)"
+        for who, r in (("baseline", base), ("candidate", cand))
+    ] + [
         "",
         "| phase | baseline s | candidate s | speed-up | candidate tokens | candidate GFLOP/s | share of matmul rate |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -265,8 +265,10 @@ def launch(job: dict[str, Any]) -> tuple[dict[str, Any], int, float]:
     """Run one job in a subprocess (isolated RNG state, 1 thread); returns (job, return code, seconds)."""
     os.makedirs(os.path.dirname(job["out"]), exist_ok=True)
     log_path = job["out"][: -len(".json")] + ".log"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    from preload_tcmalloc import with_tcmalloc  # the allocator train.py runs under (RAGEN_ALLOCATOR)
+
+    env = with_tcmalloc(dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
     cmd = [sys.executable, os.path.abspath(__file__), "--_run", job["task"], job["estimator"], str(job["seed"]),
            job["policy"], job["out"], str(job["steps"])] + (["--quick"] if job["quick"] else []) \
         + (["--real-policy"] if job["real"] else [])

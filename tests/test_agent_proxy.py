@@ -534,7 +534,7 @@ def test_format_warmup_batch_is_well_formed_random_actions(tok, prefill, cap):
     p, workers = proxy(tok, lambda *a: "unused", **{"agent_proxy.prefill_answer": prefill,
                                                      "agent_proxy.max_actions_per_turn": cap,
                                                      "es_manager.train.group_size": 8})
-    lengths = set()
+    lengths, firsts = set(), []
     for step in range(3):
         batch = p.format_warmup_batch(step=step)
         assert not workers.calls  # no generation: the replies are written, not sampled
@@ -546,8 +546,36 @@ def test_format_warmup_batch_is_well_formed_random_actions(tok, prefill, cap):
             actions, ok = p.ctx.parse_response(reply.replace("<|im_end|>", ""))
             assert ok and 1 <= len(actions) <= cap and set(actions) <= {"Left", "Right"}
             lengths.add(len(actions))
+            firsts.append(actions[0])
+        # balanced: each action leads the same number of replies in a batch, up to one
+        assert abs(firsts.count("Left") - firsts.count("Right")) <= 1, firsts
+        firsts.clear()
     assert lengths == set(range(1, cap + 1))  # every reply length up to the cap is taught
     assert torch.all(batch.batch["token_level_rewards"] == 0)
     # warm-up seeds lie below seed.train and differ from the step's training seeds
     train_seeds = {p.env_manager("train").group_seed(0, g) for g in range(2)}
     assert not train_seeds & set(LineEnv.created[-1].seeds[-1:])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 3), st.sampled_from([2, 4])), min_size=1, max_size=24), st.integers(0, 99))
+def test_balanced_draw_counts_every_action_equally_at_each_position(rows, seed):
+    from ragen.llm_agent.agent_proxy import balanced_draw
+
+    lengths, n_valid = [r[0] for r in rows], [r[1] for r in rows]
+    picks = balanced_draw(np.random.default_rng(seed), lengths, n_valid)
+    assert [len(p) for p in picks] == lengths
+    assert picks == balanced_draw(np.random.default_rng(seed), lengths, n_valid)  # reproducible
+    for n in set(n_valid):
+        for j in range(max(lengths)):
+            drawn = [p[j] for p, k in zip(picks, n_valid) if k == n and len(p) > j]
+            counts = np.bincount(drawn, minlength=n) if drawn else np.zeros(n)
+            assert all(0 <= d < n for d in drawn)
+            assert counts.max() - counts.min() <= 1, (n, j, counts)
+
+
+def test_balanced_draw_by_hand():
+    from ragen.llm_agent.agent_proxy import balanced_draw
+
+    picks = balanced_draw(np.random.default_rng(0), [1] * 8, [4] * 8)
+    assert sorted(p[0] for p in picks) == [0, 0, 1, 1, 2, 2, 3, 3]

@@ -148,3 +148,29 @@ def test_iteration_bench_runs_two_settings(tmp_path):
     rollout = result["candidate"]["phases"]["rollout"]
     assert rollout["generated"] > 0 and rollout["engine_prefilled_tokens"] <= rollout["prompt_tokens"]
     assert "RAGEN_BENCH_SMOKE=1" in result["candidate"]["label"]
+
+
+def test_iteration_bench_counts_model_flops_by_hand():
+    """model_flops: body on every token, LM head on the tokens that need a distribution, causal attention."""
+    from bench.iteration import model_flops
+
+    result = {"body_params": 100, "head_params": 10, "layers": 2, "hidden": 4}
+    rows = {"tokens": 5, "tokens_sq": 13, "loss_tokens": 3}
+    # forward: 2 * (100 * 5 + 10 * 3 + 2 * 4 * 13) = 2 * 634; training: 3 passes
+    assert model_flops(result, "old_log_probs", rows) == 1268
+    assert model_flops(result, "update_actor", rows) == 3804
+    assert model_flops(result, "values", rows) == 2 * (500 + 104)  # a value head, not the LM head
+    # rollout: body on the prefilled and generated tokens, LM head on the generated ones
+    assert model_flops(result, "rollout", {"generated": 4, "engine_prefilled_tokens": 6}) == 2 * (1000 + 40)
+
+
+def test_warmup_actions_bench_runs(tmp_path):
+    """bench/warmup_actions.py end to end on tiny-random: one seed, one rollout, its table row."""
+    import subprocess
+
+    cmd = [sys.executable, str(REPO_ROOT / "bench" / "warmup_actions.py"), "--seeds", "0", "--rollouts", "1",
+           "--set", "model_path=tiny-random", "--set", "format_warmup.steps=2", "--set", "agent_proxy.max_turn=2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| seed | rollouts | sampled success |" in proc.stdout and "\n| 0 | 1 | " in proc.stdout

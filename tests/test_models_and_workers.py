@@ -167,10 +167,17 @@ def test_log_prob_alignment_and_padding_invariance(workers):
     with torch.no_grad():
         logits = workers.actor(input_ids=ids[None]).logits[0].float()
     manual = torch.log_softmax(logits[:-1], -1).gather(-1, ids[1:, None]).squeeze(-1)
-    assert lp[1, 0] == 0
-    torch.testing.assert_close(lp[1, 1:n], manual, atol=1e-4, rtol=1e-4)
+    # computed under loss_mask only (positions 4.. of make_batch), 0 on the prompt and the padding
+    torch.testing.assert_close(lp[1, 4:n], manual[3:], atol=1e-4, rtol=1e-4)
+    assert (lp[1, :4] == 0).all() and (ent[1, :4] == 0).all()
     assert (lp[1, n:] == 0).all() and (ent[1, n:] == 0).all()
-    assert (ent[1, 1:n] > 0).all()
+    assert (ent[1, 4:n] > 0).all()
+    # without a loss_mask: every position with a predecessor
+    no_mask = DataProto.from_dict(tensors={k: v for k, v in data.batch.items() if k != "loss_mask"})
+    full = workers.compute_log_probs(no_mask).batch["old_log_probs"]
+    assert full[1, 0] == 0
+    torch.testing.assert_close(full[1, 1:n], manual, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(full * data.batch["loss_mask"], lp, atol=1e-5, rtol=1e-5)
 
     # extra right padding does not change real positions
     pad = 5

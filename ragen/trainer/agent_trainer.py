@@ -272,10 +272,11 @@ class AgentTrainer:
     def format_warmup(self) -> list[dict[str, float]]:
         """Supervised format warm-up (``format_warmup.steps``) before RL, through the worker protocol.
 
-        Each step takes the train envs' first prompts answered with a well-formed reply naming a uniformly
-        random valid action and runs ``update_actor`` with advantage 1 on the reply tokens: with the current
-        policy as the ratio's denominator this is the log-likelihood gradient (clipped like PPO).  It teaches
-        the answer format and the action names — the action is random, so not the task.
+        Each step takes the train envs' first prompts answered with a well-formed reply naming random valid
+        actions, every action equally often (``AgentProxy.format_warmup_batch``), and runs ``update_actor`` with
+        advantage 1 on the reply tokens: with the current policy as the ratio's denominator this is the
+        log-likelihood gradient (clipped like PPO).  It teaches the answer format and the action names, with no
+        preference between the actions — so not the task.
         """
         steps = self.config.format_warmup.steps
         logged = []

@@ -294,8 +294,11 @@ class LocalWorkers:
 
     @torch.no_grad()
     def _forward(self, model, data: DataProto, micro: int, fn: Callable[[dict], tuple]) -> list[torch.Tensor]:
-        """Forward-only pass in length-bucketed micro-batches; ``fn(sub) -> tensors [b, t']`` -> each [B, T]."""
+        """Forward-only pass in length-bucketed micro-batches; ``fn(sub) -> tensors [b, t']`` -> each [B, T].
+        ``sub`` holds the model inputs and, when ``data`` has one, the rows' ``loss_mask``."""
         inputs = self._model_inputs(data)
+        if "loss_mask" in data.batch.keys():
+            inputs["loss_mask"] = data.batch["loss_mask"]
         B, T = inputs["input_ids"].shape
         outputs: list[torch.Tensor] = []
         model.eval()
@@ -406,17 +409,21 @@ class LocalWorkers:
                                               "do_sample": sampling.do_sample, "temperature": sampling.temperature})
 
     def compute_log_probs(self, data: DataProto) -> DataProto:
+        """``old_log_probs`` and ``entropys`` [B, T]; with a ``loss_mask`` only under it (0 elsewhere: every
+        reader masks them), so the 49k-vocabulary LM head and softmax skip the prompts and observations."""
         temp = _temperature(data)
         micro = self.config.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu
-        logp, ent = self._forward(self.actor, data, micro,
-                                  lambda sub: self._token_logprobs(self.actor, sub, temp, want_entropy=True))
+        logp, ent = self._forward(self.actor, data, micro, lambda sub: self._token_logprobs(
+            self.actor, sub, temp, want_entropy=True, only=sub.get("loss_mask")))
         return DataProto.from_dict(tensors={"old_log_probs": logp, "entropys": ent})
 
     def compute_ref_log_probs(self, data: DataProto) -> DataProto:
+        """``ref_log_prob`` [B, T], under ``loss_mask`` when ``data`` has one (as ``compute_log_probs``)."""
         temp = _temperature(data)
         with self._ref_model() as ref:
             (logp,) = self._forward(ref, data, self.config.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu,
-                                    lambda sub: self._token_logprobs(ref, sub, temp, want_entropy=False)[:1])
+                                    lambda sub: self._token_logprobs(ref, sub, temp, want_entropy=False,
+                                                                     only=sub.get("loss_mask"))[:1])
         return DataProto.from_dict(tensors={"ref_log_prob": logp})
 
     def compute_values(self, data: DataProto) -> DataProto:

@@ -28,10 +28,11 @@ class Workers(Protocol):
         """
 
     def compute_log_probs(self, data: DataProto) -> DataProto:
-        """Out: ``old_log_probs`` [B, T] and ``entropys`` [B, T] of the current policy."""
+        """Out: ``old_log_probs`` [B, T] and ``entropys`` [B, T] of the current policy.  Every consumer reads them
+        under ``loss_mask``; a backend may leave 0 elsewhere when ``data`` carries one (the local one does)."""
 
     def compute_ref_log_probs(self, data: DataProto) -> DataProto:
-        """Out: ``ref_log_prob`` [B, T] of the frozen reference policy."""
+        """Out: ``ref_log_prob`` [B, T] of the frozen reference policy (same ``loss_mask`` rule as above)."""
 
     def compute_values(self, data: DataProto) -> DataProto:
         """Out: ``values`` [B, T] from the token critic."""
