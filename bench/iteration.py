@@ -181,8 +181,10 @@ def run_setting(label: str, tree: str, config: str, overrides: list[str], iterat
     out_path = spec_path + ".out"
     env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {}))
     if os.path.isfile(os.path.join(tree, "preload_tcmalloc.py")):
-        # a tree whose train.py picks the allocator runs under the one it would pick (RAGEN_ALLOCATOR honoured)
-        sys.path.insert(0, ROOT)
+        # a tree whose train.py picks the allocator runs under the one it would pick (RAGEN_ALLOCATOR honoured);
+        # imported here, in the parent: the measuring child must see only its own tree on sys.path
+        if ROOT not in sys.path:
+            sys.path.insert(0, ROOT)
         from preload_tcmalloc import with_tcmalloc
 
         env = with_tcmalloc(env)

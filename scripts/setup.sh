@@ -23,7 +23,7 @@ extras="test"
 # CPU training iteration (bench/results/iteration.md); optional, so a machine without root or apt goes on without
 if ! "$PY" -c "import ctypes.util, sys; sys.exit(ctypes.util.find_library('tcmalloc_minimal') is None)"; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1 \
-      && { apt-get update -qq && apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4; } >/dev/null 2>&1; then
+      && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4; } >/dev/null 2>&1; then
     echo "[setup] installed libtcmalloc-minimal4"
   else
     echo "[setup] libtcmalloc-minimal4 not installed (optional, ~1.14x faster CPU training): apt-get install -y libtcmalloc-minimal4" >&2
