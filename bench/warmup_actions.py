@@ -22,19 +22,17 @@ ROOT = os.path.dirname(HERE)
 
 
 def count_actions(trainer, rollouts: int) -> tuple[collections.Counter, collections.Counter, list[float]]:
-    """(all actions, first action of each reply, success rate per rollout) of ``rollouts`` training rollouts."""
-    tok, sep = trainer.workers.tokenizer, trainer.proxy.ctx.action_sep
+    """(valid-named actions, the first of each reply, success rate per rollout) of ``rollouts`` training rollouts."""
+    ctx = trainer.proxy.ctx
+    # the envs' action names: an answer may name anything, and only choices between actions are counted
+    names = {a for st in trainer.proxy.env_manager("train").envs for a in st.env.valid_actions}
     every, first, success = collections.Counter(), collections.Counter(), []
     for step in range(rollouts):
         batch = trainer.proxy.rollout("train", step)
         success.append(float(batch.meta_info["metrics"].get("env/all/success_rate", 0.0)))
-        for row in range(len(batch)):
-            replies = tok.decode(batch.batch["input_ids"][row][batch.batch["loss_mask"][row] > 0],
-                                 skip_special_tokens=True)
-            # each reply ends with </answer>; its <answer> may be part of the prompt (agent_proxy.prefill_answer)
-            for chunk in replies.split("</answer>")[:-1]:
-                answer = chunk.split("<answer>")[-1]
-                actions = [a.strip() for a in answer.split(sep) if a.strip()]
+        for records in batch.non_tensor_batch["turn_records"]:
+            for record in records:  # one per turn: the reply text as the proxy parsed it
+                actions = [a for a in ctx.parse_response(record["action"])[0] if a in names]
                 every.update(actions)
                 if actions:
                     first[actions[0]] += 1
