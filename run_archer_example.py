@@ -1,8 +1,9 @@
-"""The ArCHer demo on CPU: the main job (config/archer.yaml: the embedded SmolLM2-135M on multi-turn FrozenLake,
-20 steps, ~8 minutes on 2 cores); prints validation success before and after and saves a learning curve.
+"""The ArCHer demo on CPU: the main job's first 10 steps (config/archer.yaml: the embedded SmolLM2-135M on
+multi-turn FrozenLake, ~10 minutes on 2 cores); prints validation success before and after and saves a learning
+curve.
 
-    python run_archer_example.py                      # FrozenLake: format warm-up, then 20 ArCHer steps
-    python run_archer_example.py --steps 10           # shorter
+    python run_archer_example.py                      # FrozenLake: format warm-up, then 10 ArCHer steps
+    python run_archer_example.py --steps 20           # the whole main job (~15 minutes on 2 cores)
     python run_archer_example.py --task bandit --steps 6     # the single-turn Bandit, a quick sanity check
     python run_archer_example.py --set actor_rollout_ref.actor.optim.lr=1e-5   # any config override
 
@@ -28,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Per task: what changes from config/archer.yaml (already multi-turn FrozenLake) and the default step count.
 TASKS = {
-    "frozenlake": {"steps": 20, "overrides": []},
+    "frozenlake": {"steps": 10, "overrides": []},
     "bandit": {"steps": 6, "overrides": [
         "es_manager.train.env_configs.tags=[Bandit]", "es_manager.val.env_configs.tags=[Bandit]",
         "agent_proxy.max_turn=1", "agent_proxy.max_actions_per_turn=1", "archer.warmup_iters=1",
@@ -66,7 +67,7 @@ def plot(history: list[dict], path: str, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="frozenlake")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: 20 FrozenLake, 6 Bandit)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: 10 FrozenLake, 6 Bandit)")
     parser.add_argument("--model", default="smollm2-135m", help="model_path: alias, HF directory or .gguf file")
     parser.add_argument("--out", default=None, help="output directory (default outputs/archer_example/<task>)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")

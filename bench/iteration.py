@@ -34,6 +34,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 START_OF_SESSION = "02b3b6b"  # the code this project shipped before the CPU-speed work (issue 14's "today")
 
+# --profile: the candidate's actor update split by the kind of work (torch.profiler self time per aten op)
+OP_KINDS = (
+    ("attention kernel", ("scaled_dot_product", "_efficient_attention", "_flash_attention")),
+    ("matmul (linear layers, LM head)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("dtype casts (autocast)", ("aten::copy_", "aten::_to_copy", "aten::to")),
+    ("softmax / log-softmax / entropy", ("softmax", "logsumexp", "aten::exp", "aten::log")),
+)
+
+
+def op_kind(name: str, ancestors: tuple[str, ...] = ()) -> str:
+    """The kind of work of one op given the names of the ranges it ran in (``OP_KINDS``; anything inside torch's
+    ``Optimizer.step`` range is the optimizer; the rest: norms, activations, RoPE, bookkeeping)."""
+    if any(a.startswith("Optimizer.step") for a in ancestors):
+        return "optimizer step"
+    for kind, patterns in OP_KINDS:
+        if any(p in name for p in patterns):
+            return kind
+    return "elementwise, norms, other"
+
+
 PHASES = ("rollout", "old_log_probs", "ref_log_probs", "values", "utterance_critic", "update_critic",
           "update_actor", "iteration")
 
@@ -55,24 +75,27 @@ def task_overrides(episodes: int, turns: int, response_length: int) -> list[str]
 
 
 # --------------------------------------------------------------------------------------------- the machine
-def matmul_rates(hidden: int, intermediate: int, vocab: int, tokens: int = 1024, repeats: int = 5) -> dict[str, float]:
-    """GFLOP/s of this process's torch on the model's MLP and LM-head shapes, fp32 and bf16 (best of repeats)."""
+def matmul_rate(m: int, k: int, n: int, dtype, repeats: int = 5) -> float:
+    """Best GFLOP/s of this process's torch on an [m, k] @ [k, n] matmul in ``dtype`` (after one warm-up call)."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    rates = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        best = 0.0
-        for k_in, k_out in ((hidden, intermediate), (hidden, vocab)):
-            a = torch.randn(tokens, k_in, generator=gen).to(dtype)
-            b = torch.randn(k_in, k_out, generator=gen).to(dtype)
-            a @ b  # warm up
-            for _ in range(repeats):
-                start = time.perf_counter()
-                a @ b
-                best = max(best, 2 * tokens * k_in * k_out / (time.perf_counter() - start) / 1e9)
-        rates[name] = best
-    return rates
+    a, b = torch.randn(m, k, generator=gen).to(dtype), torch.randn(k, n, generator=gen).to(dtype)
+    a @ b  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best / 1e9
+
+
+def matmul_rates(hidden: int, intermediate: int, vocab: int, tokens: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of this process's torch on the model's MLP and LM-head shapes, fp32 and bf16 (best of both)."""
+    import torch
+
+    return {name: max(matmul_rate(tokens, hidden, width, dtype, repeats) for width in (intermediate, vocab))
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
 
 
 # --------------------------------------------------------------------------------------------- one setting
@@ -138,11 +161,29 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if getattr(workers, "critic", None) is not None:
         workers.compute_values = timed("values", workers.compute_values, real_tokens)
         workers.update_critic = timed("update_critic", workers.update_critic, lambda d, o: real_tokens(d, o, epochs))
-    workers.update_actor = timed("update_actor", workers.update_actor, lambda d, o: real_tokens(d, o, epochs))
     if trainer.utterance_critic is not None:
         critic = trainer.utterance_critic
         critic.update = timed("utterance_critic", critic.update, lambda d, o: {})
 
+    profile: dict[str, float] = {}
+    if spec.get("profile"):
+        update = workers.update_actor
+
+        def profiled_update(data, *args, **kwargs):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                out = update(data, *args, **kwargs)
+            profile.clear()
+            for event in prof.events():
+                ancestors, parent = [], event.cpu_parent
+                while parent is not None:
+                    ancestors.append(parent.name)
+                    parent = parent.cpu_parent
+                kind = op_kind(event.name, tuple(ancestors))
+                profile[kind] = profile.get(kind, 0.0) + event.self_cpu_time_total / 1e6
+            return out
+        workers.update_actor = profiled_update
+
+    workers.update_actor = timed("update_actor", workers.update_actor, lambda d, o: real_tokens(d, o, epochs))
     for step in range(spec["iterations"]):
         record.clear()
         start = time.perf_counter()
@@ -154,7 +195,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     embed, head = base.get_input_embeddings().weight, base.get_output_embeddings().weight
     params = sum(p.numel() for p in base.parameters())
     return {
-        "label": spec["label"], "phases": record,
+        "label": spec["label"], "phases": record, "actor_profile": profile,
         "params": params, "head_params": head.numel(),
         "body_params": params - embed.numel() - (0 if head is embed else head.numel()),
         "layers": int(cfg.num_hidden_layers), "hidden": int(cfg.hidden_size),
@@ -173,8 +214,9 @@ def _engine_stats(workers) -> dict[str, float]:
 
 
 def run_setting(label: str, tree: str, config: str, overrides: list[str], iterations: int,
-                extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    spec = {"label": label, "tree": tree, "config": config, "overrides": overrides, "iterations": iterations}
+                extra_env: dict[str, str] | None = None, profile: bool = False) -> dict[str, Any]:
+    spec = {"label": label, "tree": tree, "config": config, "overrides": overrides, "iterations": iterations,
+            "profile": profile}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(spec, fh)
         spec_path = fh.name
@@ -273,7 +315,28 @@ def report(base: dict[str, Any], cand: dict[str, Any]) -> str:
                 line += (f"; the engine prefilled {roll['engine_prefilled_tokens']:.0f} of them "
                          "(the rest came from its cache)")
             lines.append(line)
+    lines += profile_rows(cand)
     return "\n".join(lines)
+
+
+def profile_rows(result: dict[str, Any]) -> list[str]:
+    """The ``--profile`` table: the actor update's self time per kind of work, with the attention kernel's and the
+    matmuls' achieved GFLOP/s (their share of the model's useful work, ``model_flops``)."""
+    prof = result.get("actor_profile")
+    entry = result["phases"].get("update_actor")
+    if not prof or not entry:
+        return []
+    total = sum(prof.values())
+    attention = 2 * 3 * result["layers"] * result["hidden"] * entry.get("tokens_sq", 0.0)
+    matmul = model_flops(result, "update_actor", entry) - attention
+    lines = ["", f"candidate actor update by kind of work (torch.profiler self time, {total:.1f} s profiled; the "
+                 "profiler's overhead is in the timings above):", "",
+             "| kind | s | share | GFLOP/s of its useful work |", "|---|---:|---:|---:|"]
+    for kind, secs in sorted(prof.items(), key=lambda kv: -kv[1]):
+        flops = {"attention kernel": attention, "matmul (linear layers, LM head)": matmul}.get(kind)
+        rate = f"{flops / secs / 1e9:.0f}" if flops and secs > 0 else ""
+        lines.append(f"| {kind} | {secs:.1f} | {100 * secs / total:.0f} % | {rate} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-env", action="append", default=[], metavar="NAME=VALUE",
                    help="environment variable of the baseline's process (e.g. LD_PRELOAD=...)")
     p.add_argument("--candidate-env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--profile", action="store_true",
+                   help="split the candidate's last actor update by kind of work (torch.profiler)")
     p.add_argument("--json", default=None, help="also write both results here")
     p.add_argument("--_measure", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -317,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     base = run_setting(label(base_label, args.baseline_set, args.baseline_env), base_tree, args.config,
                        shared + args.baseline_set, args.iterations, environ(args.baseline_env))
     cand = run_setting(label("this tree", args.candidate_set, args.candidate_env), ROOT, args.config,
-                       shared + args.candidate_set, args.iterations, environ(args.candidate_env))
+                       shared + args.candidate_set, args.iterations, environ(args.candidate_env), args.profile)
     text = report(base, cand)
     print(f"\nconfig {args.config}: {args.episodes} FrozenLake episodes x up to {args.turns} turns, "
           f"{args.response_length} new tokens per turn at most\n")

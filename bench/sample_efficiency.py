@@ -491,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", default=["frozenlake", "sokoban"], choices=sorted(TASKS))
     p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--only-seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="launch only these of the --seeds seeds now (a later run with the same --tag adds the rest)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: per task)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (1 torch thread each)")
     p.add_argument("--warmup-steps", type=int, default=150, help="format warm-up steps (once per task)")
@@ -518,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
         train_one(task, est, int(seed), policy, out, int(steps), args.quick, args.set, args.real_policy)
         return 0
 
+    if args.only_seeds is not None and not all(0 <= s < args.seeds for s in args.only_seeds):
+        raise SystemExit(f"--only-seeds {args.only_seeds}: each seed must be in 0..{args.seeds - 1} "
+                         f"(--seeds {args.seeds})")
     results, runs_dir = os.path.abspath(args.results), os.path.abspath(args.runs)
     if args.quick:  # a smoke run never overwrites the real summaries
         results = os.path.join(runs_dir, "quick") if args.results == RESULTS else results
@@ -545,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 steps = int(compose([], REAL_POLICY_CONFIG).trainer.total_training_steps)
             for seed in range(args.seeds):
+                if args.only_seeds is not None and seed not in args.only_seeds:
+                    continue
                 for est in args.estimators:
                     out = os.path.join(runs_dir, "runs" + args.tag, task, est, f"seed{seed}.json")
                     jobs.append({"task": task, "estimator": est, "seed": seed, "policy": policy, "out": out,

@@ -137,7 +137,7 @@ def test_iteration_bench_runs_two_settings(tmp_path):
            "--turns", "2", "--response-length", "6", "--json", str(out),
            "--set", "model_path=tiny-random", "--set", "archer.critic.updates=2", "--set", "archer.warmup_iters=0",
            "--set", "archer.critic.policy_samples=2", "--set", "archer.alpha=0.1", "--set", "critic.enable=true",
-           "--baseline-set", "trainer.precision=fp32", "--candidate-env", "RAGEN_BENCH_SMOKE=1"]
+           "--baseline-set", "trainer.precision=fp32", "--candidate-env", "RAGEN_BENCH_SMOKE=1", "--profile"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -148,6 +148,23 @@ def test_iteration_bench_runs_two_settings(tmp_path):
     rollout = result["candidate"]["phases"]["rollout"]
     assert rollout["generated"] > 0 and rollout["engine_prefilled_tokens"] <= rollout["prompt_tokens"]
     assert "RAGEN_BENCH_SMOKE=1" in result["candidate"]["label"]
+    # --profile: the candidate's actor update split by kind of work, the attention kernel and matmuls among them
+    profile = result["candidate"]["actor_profile"]
+    assert profile["matmul (linear layers, LM head)"] > 0 and profile["optimizer step"] > 0
+    assert "| attention kernel |" in proc.stdout and not result["baseline"]["actor_profile"]
+
+
+def test_iteration_bench_sorts_ops_by_kind_of_work():
+    from bench.iteration import op_kind
+
+    assert op_kind("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention kernel"
+    assert op_kind("aten::mm") == op_kind("aten::addmm") == "matmul (linear layers, LM head)"
+    assert op_kind("aten::_to_copy") == "dtype casts (autocast)"
+    assert op_kind("aten::_log_softmax_backward_data") == "softmax / log-softmax / entropy"
+    assert op_kind("aten::rsqrt") == op_kind("aten::silu") == "elementwise, norms, other"
+    # the same op inside torch's optimizer range is the optimizer's
+    assert op_kind("aten::mul_", ("Optimizer.step#AdamW.step", "update_actor")) == "optimizer step"
+    assert op_kind("aten::mul_", ("update_actor",)) == "elementwise, norms, other"
 
 
 def test_iteration_bench_counts_model_flops_by_hand():
@@ -174,3 +191,34 @@ def test_warmup_actions_bench_runs(tmp_path):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| seed | rollouts | sampled success |" in proc.stdout and "\n| 0 | 1 | " in proc.stdout
+
+
+def test_only_seeds_outside_the_seed_range_is_refused(tmp_path):
+    import subprocess
+
+    cmd = [sys.executable, str(REPO_ROOT / "bench" / "sample_efficiency.py"), "--tasks", "frozenlake",
+           "--seeds", "2", "--only-seeds", "1", "2", "--runs", str(tmp_path), "--results", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--only-seeds [1, 2]: each seed must be in 0..1" in proc.stderr
+
+
+@pytest.mark.parametrize("tokens,chunk", [(7, 3), (16, 16), (9, 40)])
+def test_attention_bench_chunked_matches_torch(tokens, chunk):
+    import torch
+
+    from bench.attention import chunked_causal_attention, fused
+
+    gen = torch.Generator().manual_seed(tokens)
+    q, k, v = (torch.randn(2, 3, tokens, 8, generator=gen) for _ in range(3))
+    assert torch.allclose(chunked_causal_attention(q, k, v, chunk), fused(q, k, v), atol=1e-5)
+
+
+def test_attention_bench_runs(capsys):
+    from bench.attention import main
+
+    assert main(["--rows", "1", "--tokens", "16", "--heads", "2", "--head-dim", "8", "--chunk", "5",
+                 "--repeats", "1", "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "| fused (flash) kernel |" in out and "| chunked bmm, blocks of 5 |" in out
+    with pytest.raises(SystemExit, match="--chunk must be >= 1"):
+        main(["--chunk", "0"])

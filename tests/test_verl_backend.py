@@ -308,8 +308,9 @@ class FakeClient:
 @pytest.fixture(scope="module")
 def fake_workers(tmp_path_factory):
     # micro 1: 4 ranks x 1 row (the tiny mini-batch of 4 rows must split over 4 ranks in whole micro-batches)
+    # KL off: these stand-in tests follow the protocol's calls, the reference has its own test below
     cfg = make_small_config(tmp_path_factory.mktemp("verl"), "trainer.n_gpus_per_node=4", "micro_batch_size_per_gpu=1",
-                            config_name="archer_verl")
+                            "actor_rollout_ref.actor.use_kl_loss=false", config_name="archer_verl")
     workers = VerlWorkers(cfg, critic_enabled=True, start=False)
     workers.actor_rollout_wg, workers.critic_wg = FakeGroup(4), FakeGroup(4)
     workers.checkpoint_manager, workers.rollout_client = FakeCheckpointManager(), FakeClient()
@@ -325,6 +326,16 @@ def test_worker_specs_build_without_a_cluster(fake_workers):
     assert critic_cfg.ppo_micro_batch_size_per_gpu == 1
     assert specs["critic"].kwargs["config"].engine_config.micro_batch_size_per_gpu == 1
     create_colocated_worker_cls(class_dict=specs)  # the colocated actor class veRL would place on each GPU
+
+
+def test_shipped_kl_loss_puts_the_reference_in_the_actor_workers(tmp_path):
+    """archer.yaml's KL loss: the frozen reference lives in the actor's workers (veRL's ActorRolloutRef role)."""
+    cfg = make_small_config(tmp_path, "trainer.n_gpus_per_node=4", "micro_batch_size_per_gpu=1",
+                            config_name="archer_verl")
+    assert cfg.actor_rollout_ref.actor.use_kl_loss
+    specs = VerlWorkers(cfg, critic_enabled=True, start=False).worker_specs()
+    specs.pop("_critic_config")
+    assert set(specs) == {"actor_rollout_ref", "critic"}
 
 
 def test_workers_protocol_over_stand_in_groups(fake_workers):
@@ -386,7 +397,8 @@ def test_policy_backbone_is_refused_before_anything_starts():
 def test_defect1_every_rank_gets_whole_micro_batches(tmp_path):
     """Forward passes padded to dp x micro rows, updates planned in mini-batches of whole micro-batches per rank:
     veRL's own splitting and assertions (split_like_verl) accept every call."""
-    cfg = make_small_config(tmp_path, "trainer.n_gpus_per_node=2", config_name="archer_verl")  # micro 2, mini 4
+    cfg = make_small_config(tmp_path, "trainer.n_gpus_per_node=2", "actor_rollout_ref.actor.use_kl_loss=false",
+                            config_name="archer_verl")  # micro 2, mini 4
     w = VerlWorkers(cfg, critic_enabled=True, start=False)
     w.actor_rollout_wg, w.critic_wg = FakeGroup(2, micro=2), FakeGroup(2, micro=2)
     w.checkpoint_manager, w.rollout_client = FakeCheckpointManager(), FakeClient()
