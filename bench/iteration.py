@@ -5,6 +5,7 @@
     python bench/iteration.py --baseline-ref HEAD~3            # any git ref as the baseline
     python bench/iteration.py --baseline-set trainer.precision=fp32 --baseline-ref ""   # two settings, this tree
     python bench/iteration.py --baseline-ref "" --baseline-env RAGEN_ALLOCATOR=system     # glibc vs tcmalloc
+    python bench/iteration.py --baseline-ref "" --profile      # + the candidate's actor update by kind of work
 
 Each setting runs in a subprocess of its own (a fresh process, its own PYTHONPATH: the baseline is a temporary
 git worktree at ``--baseline-ref``, default the commit this project started the session from), builds the

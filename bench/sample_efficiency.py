@@ -532,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(runs_dir, exist_ok=True)
     from tqdm.auto import tqdm
 
+    seeds = [s for s in range(args.seeds) if args.only_seeds is None or s in args.only_seeds]  # after --quick
     if not args.report_only:
         wall0 = time.time()
         jobs = []
@@ -549,9 +550,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps = TASKS[task]["steps"]
             else:
                 steps = int(compose([], REAL_POLICY_CONFIG).trainer.total_training_steps)
-            for seed in range(args.seeds):
-                if args.only_seeds is not None and seed not in args.only_seeds:
-                    continue
+            for seed in seeds:
                 for est in args.estimators:
                     out = os.path.join(runs_dir, "runs" + args.tag, task, est, f"seed{seed}.json")
                     jobs.append({"task": task, "estimator": est, "seed": seed, "policy": policy, "out": out,
