@@ -93,8 +93,7 @@ class Backend:
         from ragen.workers.protocol import Sampling
 
         w = self.workers
-        return Sampling.from_meta(meta, max_new_tokens=w.default_max_new_tokens, temperature=w.default_temperature,
-                                  top_p=w.default_top_p, top_k=w.default_top_k, eos_token_id=w.eos_token_id)
+        return Sampling.from_meta(meta, w.config.actor_rollout_ref.rollout, w.eos_token_id)
 
     def generate(self, prompts):
         from verl import DataProto

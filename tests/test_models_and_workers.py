@@ -215,6 +215,67 @@ def test_update_actor_changes_weights(policy_loss, precision):
     assert any(not torch.equal(a, b) for a, b in zip(before, w.actor_params))
 
 
+def test_update_actor_is_the_same_step_for_any_micro_batch_size():
+    """The optimizer step does not depend on how rows are grouped into micro-batches (veRL's global-batch loss
+    aggregation; one row per micro-batch has no padding at all)."""
+    data = make_batch(B=4, lengths=(12, 9, 7, 10))
+    after, metrics = [], []
+    for micro in (1, 2, 4):
+        w = LocalWorkers(make_config(micro_batch_size_per_gpu=micro,
+                                     actor_rollout_ref={"actor": {"entropy_coeff": 0.01}}))
+        metrics.append(w.update_actor(with_rl_keys(w, data)))
+        after.append([p.detach().clone() for p in w.actor_params])
+    # Adam's first step is ~lr * sign(grad): the gradient itself is checked through its norm and the loss
+    for m in metrics[1:]:
+        for key in ("actor/grad_norm", "actor/pg_loss", "actor/entropy"):
+            assert m[key] == pytest.approx(metrics[0][key], rel=1e-5, abs=1e-7), key
+    # Adam divides by sqrt(v): fp32 summation order shows up where a gradient is ~0, at ~1e-6 of a 1e-3 step
+    for other in after[1:]:
+        for a, b in zip(after[0], other):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_mask_for_model_drops_only_right_padding_with_standard_positions():
+    from ragen.workers.local import _mask_for_model
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    pos = torch.tensor([[0, 1, 2, 2], [0, 1, 2, 3]])
+    got_mask, got_pos = _mask_for_model(mask, pos)
+    assert got_mask is None and got_pos.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]  # pads numbered on
+    for other_mask, other_pos in (
+        (torch.tensor([[0, 1, 1, 1]]), torch.tensor([[0, 0, 1, 2]])),  # left padding
+        (torch.tensor([[1, 0, 1, 0]]), torch.tensor([[0, 0, 1, 1]])),  # a hole
+        (torch.tensor([[1, 1, 1, 0]]), torch.tensor([[5, 6, 7, 7]])),  # positions that do not start at 0
+    ):
+        got_mask, got_pos = _mask_for_model(other_mask, other_pos)
+        assert got_mask is other_mask and got_pos is other_pos
+
+
+def test_right_padded_rows_reach_sdpa_causal_without_a_mask(monkeypatch):
+    """Right-padded rows go to the model without an attention mask, so transformers hands SDPA
+    ``is_causal=True`` (masking_utils.py:262 ``_ignore_causal_mask_sdpa``, 5.10) and torch skips the blocks
+    above the diagonal; other layouts keep their mask (a dense [b, 1, t, t] one).  Same log-probs either way."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((attn_mask is None, bool(is_causal)))
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    w = LocalWorkers(make_config(micro_batch_size_per_gpu=2))
+    right = make_batch(B=2, lengths=(12, 9))
+    left = make_batch(B=2, lengths=(12, 9))  # the same rows, padding moved to the front of the short one
+    for key in ("input_ids", "attention_mask", "position_ids", "loss_mask"):
+        left.batch[key][1] = torch.roll(right.batch[key][1], 3)
+    logps = {}
+    for name, data, expected in (("right", right, (True, True)), ("left", left, (False, False))):
+        calls.clear()
+        logps[name] = w.compute_log_probs(data).batch["old_log_probs"]
+        assert calls and set(calls) == {expected}, (name, set(calls))
+    torch.testing.assert_close(torch.roll(logps["left"][1], -3), logps["right"][1], atol=1e-5, rtol=1e-5)
+
+
 def test_update_critic_reduces_value_loss(workers):
     data = make_batch()
     data.batch["returns"] = torch.full((4, 12), 1.0) * data.batch["loss_mask"]

@@ -60,6 +60,25 @@ def _used_columns(mask: torch.Tensor) -> tuple[int, int]:
     return int(cols.min()), int(cols.max()) + 1
 
 
+def _mask_for_model(mask: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The ``(attention_mask, position_ids)`` to give the model for rows ``mask`` / ``position_ids`` [b, t].
+
+    Rows that are right-padded with positions 0, 1, ... on their real tokens go without a mask, their pad
+    positions numbered on (0..t-1): under causal attention a real token attends only to earlier positions, all
+    real, so nothing a reader uses changes (every reader masks the pad positions).  Transformers then hands SDPA
+    ``is_causal=True`` (``_ignore_causal_mask_sdpa``, transformers/masking_utils.py:262 in 5.10) and torch's
+    kernel skips the blocks above the diagonal; with a mask SDPA gets a dense [b, 1, t, t] one.  The positions
+    must step by one, else transformers reads packed sequences and builds a mask again
+    (``find_packed_sequence_indices``, masking_utils.py:757).  Any other layout keeps its mask and positions.
+    """
+    real = mask.bool()
+    steps = torch.arange(mask.shape[1], device=mask.device).expand_as(position_ids)
+    if (bool(real[:, 0].all()) and bool((real[:, 1:] <= real[:, :-1]).all())
+            and torch.equal(position_ids[real], steps[real])):
+        return None, steps
+    return mask, position_ids
+
+
 def _by_length(mask: torch.Tensor) -> torch.Tensor:
     """Row indices sorted by real length, so that a micro-batch holds rows of similar length."""
     return torch.sort(mask.long().sum(-1), stable=True).indices
@@ -260,14 +279,15 @@ class LocalWorkers:
         valid = self._valid(sub["attention_mask"])
         targets = sub["input_ids"][:, 1:]
         if only is None:
-            out = model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"],
-                        position_ids=sub["position_ids"], use_cache=False)
+            mask, positions = _mask_for_model(sub["attention_mask"], sub["position_ids"])
+            out = model(input_ids=sub["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False)
             logits, where = out.logits[:, :-1].float(), None
         else:
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             body = getattr(base, base.base_model_prefix)  # the decoder stack without the LM head
-            hidden = body(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"],
-                          position_ids=sub["position_ids"], use_cache=False).last_hidden_state
+            mask, positions = _mask_for_model(sub["attention_mask"], sub["position_ids"])
+            hidden = body(input_ids=sub["input_ids"], attention_mask=mask, position_ids=positions,
+                          use_cache=False).last_hidden_state
             where = (only[:, 1:] > 0) & valid[:, 1:]  # position p's distribution is computed at p - 1
             logits, targets = base.get_output_embeddings()(hidden[:, :-1][where]).float(), targets[where]
         if temperature != 1.0:
@@ -287,8 +307,8 @@ class LocalWorkers:
 
     def _token_values(self, sub) -> torch.Tensor:
         """V(prefix before token p), [b, t]: the head at p-1 (0 where undefined)."""
-        out = self.critic(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"],
-                          position_ids=sub["position_ids"], use_cache=False)
+        mask, positions = _mask_for_model(sub["attention_mask"], sub["position_ids"])
+        out = self.critic(input_ids=sub["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False)
         values = _shift_right(out.logits.squeeze(-1).float()[:, :-1])
         return torch.where(self._valid(sub["attention_mask"]), values, 0.0)
 
@@ -397,10 +417,7 @@ class LocalWorkers:
     def generate(self, prompts: DataProto) -> DataProto:
         """Sample replies with the prefix-caching engine (each dialogue's history is prefilled once)."""
         ids, mask = prompts.batch["input_ids"], prompts.batch["attention_mask"]
-        rollout = self.config.actor_rollout_ref.rollout
-        sampling = Sampling.from_meta(prompts.meta_info, max_new_tokens=rollout.response_length,
-                                      temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
-                                      eos_token_id=self.eos_token_id)
+        sampling = Sampling.from_meta(prompts.meta_info, self.config.actor_rollout_ref.rollout, self.eos_token_id)
         self.actor.eval()
         # the engine stops each row at its first eos
         responses, response_mask = generate_padded(self.engine, ids, mask, sampling, self.pad_token_id)
@@ -542,8 +559,9 @@ class LocalWorkers:
         body = getattr(base, base.base_model_prefix)  # the decoder stack without the LM head
 
         def pooled(sub):
-            hidden = body(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"],
-                          position_ids=sub["position_ids"], use_cache=False).last_hidden_state.float()
+            mask, positions = _mask_for_model(sub["attention_mask"], sub["position_ids"])
+            hidden = body(input_ids=sub["input_ids"], attention_mask=mask, position_ids=positions,
+                          use_cache=False).last_hidden_state.float()
             weight = sub["attention_mask"].unsqueeze(-1).float()
             return (hidden * weight).sum(1) / weight.sum(1).clamp(min=1.0)
 

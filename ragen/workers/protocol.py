@@ -64,18 +64,18 @@ class Sampling:
     eos_ids: list[int]
 
     @classmethod
-    def from_meta(cls, meta_info: dict | None, *, max_new_tokens: int, temperature: float, top_p: float,
-                  top_k: int, eos_token_id: Any) -> Sampling:
+    def from_meta(cls, meta_info: dict | None, rollout: Any, eos_token_id: Any) -> Sampling:
+        """``meta_info`` over the defaults of ``rollout`` (the config's ``actor_rollout_ref.rollout``)."""
         meta = dict(meta_info or {})
-        temp = float(meta.get("temperature", temperature))
+        temp = float(meta.get("temperature", rollout.temperature))
         eos = meta.get("eos_token_id", eos_token_id)
         seed = meta.get("seed")
         return cls(
-            max_new_tokens=int(meta.get("max_new_tokens", max_new_tokens)),
+            max_new_tokens=int(meta.get("max_new_tokens", rollout.response_length)),
             temperature=temp,
             do_sample=bool(meta.get("do_sample", True)) and temp > 0,
-            top_p=float(meta.get("top_p", top_p)),
-            top_k=int(meta.get("top_k", top_k)),
+            top_p=float(meta.get("top_p", rollout.top_p)),
+            top_k=int(meta.get("top_k", rollout.top_k)),
             seed=None if seed is None else int(seed),
             eos_ids=[int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])],
         )

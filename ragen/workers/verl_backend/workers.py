@@ -345,10 +345,7 @@ class VerlWorkers:
 
         self._require_started()
         ids, mask = prompts.batch["input_ids"], prompts.batch["attention_mask"]
-        rollout = self.config.actor_rollout_ref.rollout
-        sampling = Sampling.from_meta(prompts.meta_info, max_new_tokens=rollout.response_length,
-                                      temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
-                                      eos_token_id=self.eos_token_id)
+        sampling = Sampling.from_meta(prompts.meta_info, self.config.actor_rollout_ref.rollout, self.eos_token_id)
         params: dict[str, Any] = {
             "max_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature if sampling.do_sample else 0.0,
