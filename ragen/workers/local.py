@@ -79,6 +79,12 @@ def _mask_for_model(mask: torch.Tensor, position_ids: torch.Tensor) -> tuple[tor
     return mask, position_ids
 
 
+def _forward_kwargs(sub: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The model's keyword arguments for a micro-batch ``sub`` (ids, mask, positions [b, t]), no KV cache."""
+    mask, positions = _mask_for_model(sub["attention_mask"], sub["position_ids"])
+    return {"input_ids": sub["input_ids"], "attention_mask": mask, "position_ids": positions, "use_cache": False}
+
+
 def _by_length(mask: torch.Tensor) -> torch.Tensor:
     """Row indices sorted by real length, so that a micro-batch holds rows of similar length."""
     return torch.sort(mask.long().sum(-1), stable=True).indices
@@ -279,15 +285,12 @@ class LocalWorkers:
         valid = self._valid(sub["attention_mask"])
         targets = sub["input_ids"][:, 1:]
         if only is None:
-            mask, positions = _mask_for_model(sub["attention_mask"], sub["position_ids"])
-            out = model(input_ids=sub["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False)
+            out = model(**_forward_kwargs(sub))
             logits, where = out.logits[:, :-1].float(), None
         else:
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             body = getattr(base, base.base_model_prefix)  # the decoder stack without the LM head
-            mask, positions = _mask_for_model(sub["attention_mask"], sub["position_ids"])
-            hidden = body(input_ids=sub["input_ids"], attention_mask=mask, position_ids=positions,
-                          use_cache=False).last_hidden_state
+            hidden = body(**_forward_kwargs(sub)).last_hidden_state
             where = (only[:, 1:] > 0) & valid[:, 1:]  # position p's distribution is computed at p - 1
             logits, targets = base.get_output_embeddings()(hidden[:, :-1][where]).float(), targets[where]
         if temperature != 1.0:
@@ -307,8 +310,7 @@ class LocalWorkers:
 
     def _token_values(self, sub) -> torch.Tensor:
         """V(prefix before token p), [b, t]: the head at p-1 (0 where undefined)."""
-        mask, positions = _mask_for_model(sub["attention_mask"], sub["position_ids"])
-        out = self.critic(input_ids=sub["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False)
+        out = self.critic(**_forward_kwargs(sub))
         values = _shift_right(out.logits.squeeze(-1).float()[:, :-1])
         return torch.where(self._valid(sub["attention_mask"]), values, 0.0)
 
@@ -559,9 +561,7 @@ class LocalWorkers:
         body = getattr(base, base.base_model_prefix)  # the decoder stack without the LM head
 
         def pooled(sub):
-            mask, positions = _mask_for_model(sub["attention_mask"], sub["position_ids"])
-            hidden = body(input_ids=sub["input_ids"], attention_mask=mask, position_ids=positions,
-                          use_cache=False).last_hidden_state.float()
+            hidden = body(**_forward_kwargs(sub)).last_hidden_state.float()
             weight = sub["attention_mask"].unsqueeze(-1).float()
             return (hidden * weight).sum(1) / weight.sum(1).clamp(min=1.0)
 
