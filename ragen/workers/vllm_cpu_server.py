@@ -56,6 +56,12 @@ def _repack_tied_lm_head(worker) -> bool:
     return True
 
 
+def _reset_prefix_cache(llm) -> None:
+    """Drop every cached KV block; vLLM answers False instead of raising when it cannot (requests running)."""
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM did not reset its prefix cache: its KV of the old weights would be reused")
+
+
 def _serve(llm, request: dict) -> dict:
     from safetensors.torch import load_file
     from vllm import SamplingParams, TokensPrompt
@@ -79,10 +85,10 @@ def _serve(llm, request: dict) -> dict:
         # ``reload_weights`` runs the loader again on the given tensors
         llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items())})
         repacked = llm.collective_rpc(_repack_tied_lm_head)
-        llm.reset_prefix_cache()
+        _reset_prefix_cache(llm)
         return {"repacked_lm_head": bool(repacked and repacked[0])}
     if op == "reset_prefix_cache":
-        llm.reset_prefix_cache()
+        _reset_prefix_cache(llm)
         return {}
     raise ValueError(f"unknown op {op!r} (allowed: generate, load_weights, reset_prefix_cache, quit)")
 
