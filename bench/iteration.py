@@ -378,7 +378,8 @@ def profile_rows(result: dict[str, Any]) -> list[str]:
 
 def kernel_time_rows(result: dict[str, Any], who: str) -> list[str]:
     """Phases whose CPU time went >= 10 % to the kernel (page faults: memory a process touches for the first
-    time costs ~15 us a 4 KiB page in this VM, ~25 s of CPU in a first actor update; later iterations reuse it)."""
+    time costs ~13 us a 4 KiB page in this VM: 26 s of CPU in the first actor update at 16 episodes; later
+    iterations reuse it)."""
     lines = []
     for phase in PHASES:
         entry = result["phases"].get(phase, {})
