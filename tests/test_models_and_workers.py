@@ -262,6 +262,30 @@ def test_actor_optimizer_is_fused_adamw_with_the_reference_update(workers):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_cpu_logprobs_take_one_pass_where_verl_loops_per_position(workers):
+    """On a CPU the workers take veRL's one-pass log_softmax + gather: same values as veRL's default, whose CPU
+    path (no flash-attn) still loops over positions (the reason for the choice; if veRL drops the loop, so can we)."""
+    import inspect
+
+    from verl.utils import torch_functional as tf
+
+    assert not tf.FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE  # the CPU image has no flash-attn
+    assert "for logit in logits" in inspect.getsource(tf.logprobs_from_logits_v2)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 500, generator=gen) * 4
+    targets = torch.randint(0, 500, (37,), generator=gen)
+    torch.testing.assert_close(workers._logprobs_of(logits, targets), tf.logprobs_from_logits(logits, targets),
+                               rtol=1e-5, atol=1e-5)
+    calls = []
+    original = torch.logsumexp
+    try:
+        torch.logsumexp = lambda *a, **k: calls.append(1) or original(*a, **k)
+        workers._logprobs_of(logits, targets)
+    finally:
+        torch.logsumexp = original
+    assert not calls  # no per-position logsumexp
+
+
 def test_mask_for_model_drops_only_right_padding_with_standard_positions():
     from ragen.workers.local import _mask_for_model
 
