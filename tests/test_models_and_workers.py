@@ -262,7 +262,7 @@ def test_actor_optimizer_is_fused_adamw_with_the_reference_update(workers):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_cpu_logprobs_take_one_pass_where_verl_loops_per_position(workers):
+def test_cpu_logprobs_take_one_pass_where_verl_loops_per_position(workers, monkeypatch):
     """On a CPU the workers take veRL's one-pass log_softmax + gather: same values as veRL's default, whose CPU
     path (no flash-attn) still loops over positions (the reason for the choice; if veRL drops the loop, so can we)."""
     import inspect
@@ -278,11 +278,8 @@ def test_cpu_logprobs_take_one_pass_where_verl_loops_per_position(workers):
                                rtol=1e-5, atol=1e-5)
     calls = []
     original = torch.logsumexp
-    try:
-        torch.logsumexp = lambda *a, **k: calls.append(1) or original(*a, **k)
-        workers._logprobs_of(logits, targets)
-    finally:
-        torch.logsumexp = original
+    monkeypatch.setattr(torch, "logsumexp", lambda *a, **k: calls.append(1) or original(*a, **k))
+    workers._logprobs_of(logits, targets)
     assert not calls  # no per-position logsumexp
 
 
