@@ -166,8 +166,13 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = key(1.0e-5, "AdamW learning rate", POSITIVE)
+    lr: float = key(1.0e-5, "AdamW learning rate (the schedule's peak)", POSITIVE)
     weight_decay: float = key(0.0, "AdamW weight decay", NON_NEGATIVE)
+    lr_scheduler_type: str = key("constant", "learning-rate schedule over the run's update calls (veRL's): constant "
+                                             "| cosine (half a cosine from lr down to min_lr_ratio * lr)",
+                                 one_of("constant", "cosine"))
+    min_lr_ratio: float = key(0.0, "cosine: the learning rate at the end of the run as a fraction of lr", UNIT)
+    lr_warmup_steps: int = key(0, "update calls with a learning rate rising linearly from 0 to lr", at_least(0))
 
 
 @dataclass
@@ -442,6 +447,19 @@ class RunConfig:
     @property
     def reference_enabled(self) -> bool:
         return self.actor_rollout_ref.actor.use_kl_loss or self.algorithm.use_kl_in_reward
+
+    @property
+    def actor_update_calls(self) -> int:
+        """``update_actor`` calls in a whole run, the length of the actor's learning-rate schedule: the format
+        warm-up's steps, then every RL step but archer's critic-only warm-up iterations."""
+        frozen = min(self.archer.warmup_iters, self.trainer.total_training_steps) \
+            if self.algorithm.adv_estimator == "archer" else 0
+        return self.format_warmup.steps + self.trainer.total_training_steps - frozen
+
+    @property
+    def critic_update_calls(self) -> int:
+        """``update_critic`` calls in a whole run (one per RL step), the token critic's schedule length."""
+        return self.trainer.total_training_steps
 
     @property
     def train_rows(self) -> int:

@@ -36,6 +36,15 @@ def test_env_tags_in_yaml_hold_the_env_config_class_defaults():
         assert {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()} == spec.env_config, tag
 
 
+def test_update_calls_count_the_format_warm_up_and_skip_archers_frozen_iterations():
+    cfg = load_config(compose_config("archer", ["trainer.total_training_steps=7", "format_warmup.steps=3",
+                                                "archer.warmup_iters=2"]))
+    assert (cfg.actor_update_calls, cfg.critic_update_calls) == (3 + 7 - 2, 7)
+    cfg = load_config(compose_config("archer", ["trainer.total_training_steps=7", "format_warmup.steps=3",
+                                                "archer.warmup_iters=2", "algorithm.adv_estimator=grpo"]))
+    assert cfg.actor_update_calls == 3 + 7  # only archer freezes the actor
+
+
 @pytest.mark.parametrize("name", ["base", "archer", "archer_verl", "archer_paper"])
 def test_every_preset_loads(name):
     cfg = load_config(compose_config(name))
@@ -46,6 +55,8 @@ def test_every_preset_loads(name):
     ("archer.critic.grid_features=yes", "archer.critic.grid_features"),   # strict: no 'yes' for a bool
     ("actor_rollout_ref.actor.optim.lr=abc", "actor_rollout_ref.actor.optim.lr"),
     ("actor_rollout_ref.actor.optim.lr=0", "actor_rollout_ref.actor.optim.lr"),
+    ("actor_rollout_ref.actor.optim.lr_scheduler_type=linear", "actor_rollout_ref.actor.optim.lr_scheduler_type"),
+    ("critic.optim.min_lr_ratio=1.5", "critic.optim.min_lr_ratio"),
     ("+algorithm.gamma_typo=1", "algorithm.gamma_typo"),                  # unknown key
     ("micro_batch_size_per_gpu=3.5", "micro_batch_size_per_gpu"),
     ("trainer.logger=[console,nonsense]", "trainer.logger"),

@@ -387,6 +387,33 @@ def test_checkpoint_roundtrip_gives_identical_next_update(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("schedule, expected", [
+    # cosine over 4 calls to 0.1: 0.1 + 0.45 * (1 + cos(pi k / 4)), k = 0..3
+    ({"lr_scheduler_type": "cosine", "min_lr_ratio": 0.1}, [1.0, 0.868198, 0.55, 0.231802]),
+    ({"lr_scheduler_type": "constant", "lr_warmup_steps": 2}, [0.0, 0.5, 1.0, 1.0]),
+])
+def test_learning_rate_schedule_steps_once_per_update_call_and_survives_a_resume(tmp_path, schedule, expected):
+    cfg = make_config(trainer={"total_training_steps": 4}, format_warmup={"steps": 0},
+                      actor_rollout_ref={"actor": {"optim": {"lr": 1e-3, **schedule}}},
+                      critic={"optim": {"lr": 1e-3, **schedule}})
+    data = make_batch(B=8, lengths=(12, 9, 7, 10, 12, 5, 8, 11))
+    w1 = LocalWorkers(cfg, critic_enabled=True)
+    d = with_rl_keys(w1, data).union(w1.compute_values(data))
+    d.batch["returns"] = torch.ones(8, 12) * d.batch["loss_mask"]
+    rates = []
+    for call in range(4):  # 2 optimizer steps a call (8 rows, mini-batch 4): the rate moves per call
+        rates.append((w1.update_actor(d)["actor/lr"], w1.update_critic(d)["critic/lr"]))
+        if call == 1:
+            w1.save_checkpoint(str(tmp_path / "ckpt"))
+    assert [a for a, _ in rates] == pytest.approx([1e-3 * r for r in expected], abs=1e-9)
+    assert [c for _, c in rates] == [a for a, _ in rates]
+
+    w2 = LocalWorkers(cfg, critic_enabled=True)
+    w2.load_checkpoint(str(tmp_path / "ckpt"))
+    resumed = [(w2.update_actor(d)["actor/lr"], w2.update_critic(d)["critic/lr"]) for _ in range(2)]
+    assert resumed == pytest.approx(rates[2:], abs=1e-12)
+
+
 def test_encode_texts(workers):
     long_text = "word " * 900
     e = workers.encode_texts(["hello", "a slightly longer sentence here", long_text])

@@ -491,6 +491,17 @@ def test_defect3_total_training_steps_reach_the_lr_schedulers():
     # one scheduler step per update call: RL steps, plus the actor's format warm-up steps (as ray_trainer.py:447-449)
     assert omega_conf_to_dataclass(v.actor_rollout_ref.actor.optim).total_training_steps == 10
     assert omega_conf_to_dataclass(v.critic.optim).total_training_steps == 7
+    # archer's critic-only iterations make no actor update call; the schedule's keys are veRL's own
+    run = compose_config("archer_verl", ["trainer.total_training_steps=7", "format_warmup.steps=3",
+                                         "archer.warmup_iters=2",
+                                         "actor_rollout_ref.actor.optim.lr_scheduler_type=cosine",
+                                         "actor_rollout_ref.actor.optim.min_lr_ratio=0.1",
+                                         "critic.optim.lr_warmup_steps=2"])
+    v = build_verl_config(run, True, resolve_paths=False, device="cuda")
+    actor_optim, critic_optim = (omega_conf_to_dataclass(o) for o in (v.actor_rollout_ref.actor.optim, v.critic.optim))
+    assert (actor_optim.total_training_steps, actor_optim.lr_scheduler_type, actor_optim.min_lr_ratio) == \
+        (8, "cosine", 0.1)
+    assert (critic_optim.lr_scheduler_type, critic_optim.lr_warmup_steps) == ("constant", 2)
 
 
 def test_defects4_5_device_and_ray_arguments_come_from_the_config(tmp_path, monkeypatch):

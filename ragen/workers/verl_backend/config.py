@@ -38,6 +38,9 @@ SHARED_KEYS = (
     "actor_rollout_ref.actor.grad_clip",
     "actor_rollout_ref.actor.optim.lr",
     "actor_rollout_ref.actor.optim.weight_decay",
+    "actor_rollout_ref.actor.optim.lr_scheduler_type",
+    "actor_rollout_ref.actor.optim.min_lr_ratio",
+    "actor_rollout_ref.actor.optim.lr_warmup_steps",
     "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu",
     "actor_rollout_ref.rollout.temperature",
     "actor_rollout_ref.rollout.top_p",
@@ -48,6 +51,9 @@ SHARED_KEYS = (
     "actor_rollout_ref.rollout.val_kwargs.temperature",
     "critic.optim.lr",
     "critic.optim.weight_decay",
+    "critic.optim.lr_scheduler_type",
+    "critic.optim.min_lr_ratio",
+    "critic.optim.lr_warmup_steps",
     "critic.ppo_micro_batch_size_per_gpu",
     "critic.ppo_mini_batch_size",
     "critic.ppo_epochs",
@@ -196,10 +202,9 @@ def _derived(cfg: RunConfig, engines: VerlEngines, critic_enabled: bool, resolve
         "critic.model.path": critic_path,
         "critic.enable": bool(critic_enabled),
         "actor_rollout_ref.actor.policy_loss.loss_mode": _POLICY_LOSS_TO_VERL[cfg.actor_rollout_ref.actor.policy_loss],
-        # the scheduler steps once per update call: RL steps (+ the actor's format warm-up steps)
-        "actor_rollout_ref.actor.optim.total_training_steps":
-            cfg.trainer.total_training_steps + cfg.format_warmup.steps,
-        "critic.optim.total_training_steps": cfg.trainer.total_training_steps,
+        # veRL's scheduler steps once per update call (verl/workers/engine_workers.py:308)
+        "actor_rollout_ref.actor.optim.total_training_steps": cfg.actor_update_calls,
+        "critic.optim.total_training_steps": cfg.critic_update_calls,
         "actor_rollout_ref.rollout.name": engines.rollout,
         "actor_rollout_ref.rollout.mode": "async",
         "actor_rollout_ref.rollout.dtype": engines.rollout_dtype,
