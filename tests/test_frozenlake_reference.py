@@ -1,0 +1,62 @@
+"""bench/frozenlake_reference.py: its vectorised FrozenLake agrees with the real env, its numbers by hand."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from gymnasium.envs.toy_text.frozen_lake import generate_random_map
+
+from bench import frozenlake_reference as ref
+from ragen.env.frozenlake import FrozenLakeEnv
+
+RING = ["SFF", "FHF", "FFG"]  # a hole in the middle: both staircases fall in, the edges reach the goal
+
+
+def test_hand_checked_map():
+    tiles = ref.encode_maps([RING])
+    right_down, down_right = ref.staircase(2, 1, 4), ref.staircase(1, 2, 4)
+    edge = np.array([2, 2, 1, 1])  # Right, Right, Down, Down
+    assert ref.open_loop_success(tiles, np.stack([right_down, down_right, edge])).tolist() == [[0.0], [0.0], [1.0]]
+    assert ref.shortest_path_length(tiles[0]) == 4
+    assert ref.best_open_loop(tiles, 4)[0] == 1.0
+    # uniform random within 4 actions: only the 2 edge routes of the 4^4 sequences reach the goal
+    assert ref.uniform_random_success(tiles, 4) == pytest.approx(2 / 4 ** 4)
+
+
+def test_vectorised_moves_match_the_real_env():
+    rng = np.random.default_rng(0)
+    descs = [generate_random_map(size=3, p=0.8, seed=s) for s in range(20)]
+    sequences = rng.integers(0, 4, size=(30, 8))
+    got = ref.open_loop_success(ref.encode_maps(descs), sequences)
+    env = FrozenLakeEnv(size=3)
+    for m, desc in enumerate(descs):
+        for s, seq in enumerate(sequences):
+            env.load_map(desc)
+            success = False
+            for a in seq:
+                _, _, done, info = env.step(ref.ACTION_NAMES[a])
+                success = info["success"]
+                if done:
+                    break
+            assert got[s, m] == float(success), (desc, seq)
+
+
+def test_uniform_random_equals_the_mean_over_every_sequence():
+    descs = [generate_random_map(size=3, p=0.8, seed=s) for s in range(12)]
+    tiles = ref.encode_maps(descs)
+    every = np.array(list(itertools.product(range(4), repeat=5)))
+    assert ref.uniform_random_success(tiles, 5) == pytest.approx(ref.open_loop_success(tiles, every).mean())
+    best, seq = ref.best_open_loop(tiles, 5, chunk=100)  # chunked search finds the exhaustive maximum
+    assert best == pytest.approx(ref.open_loop_success(tiles, every).mean(axis=1).max())
+    assert ref.open_loop_success(tiles, seq[None]).mean() == pytest.approx(best)
+
+
+def test_main_job_maps_and_budget(tmp_path):
+    out = tmp_path / "ref.md"
+    assert ref.main(["--set", "trainer.total_training_steps=2", "--set", "agent_proxy.max_turn=3",
+                     "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "within 6 actions" in text and "training (8 maps, 2 steps)" in text and "validation (32 maps)" in text
+    with pytest.raises(SystemExit, match="is_slippery"):
+        ref.main(["--set", "custom_envs.FrozenLake.env_config.is_slippery=true", "--out", str(out)])
