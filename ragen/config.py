@@ -341,6 +341,9 @@ class TrainerConfig:
     test_freq: int = key(5, "validate every N steps and after the last (0 = never)", at_least(0))
     save_freq: int = key(10, "checkpoint every N steps and after the last (0 = never)", at_least(0))
     val_before_train: bool = key(True, "validate before the first step")
+    log_val_generations: int = key(0, "validation episodes (the first N) whose turns -- observation, reply, reward -- "
+                                      "are written to val_generations/step_<k>.jsonl under default_local_dir",
+                                   at_least(0))
     default_local_dir: str = key("checkpoints/${trainer.project_name}/${trainer.experiment_name}",
                                  "metrics, tensorboard events and checkpoints go here")
     resume_mode: str = key("auto", "auto (resume from the latest checkpoint) | disable", one_of("auto", "disable"))

@@ -130,6 +130,20 @@ def test_grpo_with_reinforce_policy_loss_trains(small_config):
     assert changed(before, trainer.workers.actor)
 
 
+def test_validation_writes_the_first_episodes_dialogues(small_config, tmp_path):
+    cfg = small_config("algorithm.adv_estimator=grpo", "trainer.log_val_generations=2", out_dir=tmp_path / "run")
+    trainer = AgentTrainer(cfg)
+    script_replies(trainer, [LO_ARM])
+    metrics = trainer.validate(3)
+    lines = (tmp_path / "run" / "val_generations" / "step_3.jsonl").read_text().splitlines()
+    episodes = [json.loads(line) for line in lines]
+    assert len(episodes) == 2 and {e["step"] for e in episodes} == {3}
+    assert all(e["env_tag"] and e["uid"] and e["turns"] and set(e["turns"][0]) == {"obs", "reply", "reward"}
+               for e in episodes)
+    assert LO_ARM in episodes[0]["turns"][0]["reply"]
+    assert sum(e["success"] for e in episodes) <= 2 and "val/env/all/success_rate" in metrics
+
+
 # ------------------------------------------------------------ 3. checkpoint / resume
 def test_checkpoint_resume_reproduces_next_step(small_config, tmp_path):
     """Run A fits 2 steps saving after each; run B is a NEW trainer on a directory holding only A's step-1

@@ -18,6 +18,7 @@ The workers (``ragen.workers``) are the only backend-specific part.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -299,7 +300,24 @@ class AgentTrainer:
 
     def validate(self, step: int) -> dict[str, float]:
         batch = self.proxy.rollout("val", step)
+        if self.config.trainer.log_val_generations > 0:
+            self.write_val_generations(batch, step)
         return {f"val/{k}": v for k, v in batch.meta_info.get("metrics", {}).items()}
+
+    def write_val_generations(self, batch: DataProto, step: int) -> str:
+        """The first ``trainer.log_val_generations`` validation episodes, one JSON line each: uid (env seed),
+        env tag, success and the turns (observation the policy saw, its reply, reward); returns the path."""
+        rows = min(self.config.trainer.log_val_generations, len(batch))
+        nt = batch.non_tensor_batch
+        directory = os.path.join(self.out_dir, "val_generations")
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"step_{step}.jsonl")
+        with open(path, "w", encoding="utf-8") as fh:
+            for i in range(rows):
+                turns = [{"obs": t["obs"], "reply": t["action"], "reward": t["reward"]} for t in nt["turn_records"][i]]
+                fh.write(json.dumps({"step": step, "uid": str(nt["uid"][i]), "env_tag": str(nt["env_tag"][i]),
+                                     "success": bool(nt["episode_success"][i]), "turns": turns}) + "\n")
+        return path
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def checkpoint_dir(self, step: int) -> str:
