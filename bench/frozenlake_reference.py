@@ -16,6 +16,12 @@ script says how many, exactly, for the maps a run of the config sees, within its
 A greedy validation score at the best fixed route's level is what a map-blind policy can reach; only a policy
 that reads the map goes above it.  Prints a markdown table and writes it to
 ``bench/results/frozenlake_reference.md``.
+
+    python bench/frozenlake_reference.py --generations RUN_DIR/val_generations/step_10.jsonl [...]
+
+instead reads validation episodes a run wrote (``trainer.log_val_generations``) and says whether the policy
+read the maps: its success, how many different action sequences it walked, and the success of its most
+common sequence replayed as a fixed route on the same maps (equal: nothing it did depended on the map).
 """
 from __future__ import annotations
 
@@ -127,10 +133,41 @@ def staircase(first: int, second: int, length: int) -> np.ndarray:
     return np.array([[first, second][t % 2] for t in range(length)], dtype=np.int64)
 
 
+def seed_of(uid: str) -> int:
+    """The env seed in a rollout uid (``ragen.llm_agent.es_manager``: ``<mode>-step<k>-group<g>-seed<seed>``)."""
+    tail = uid.rsplit("-seed", 1)
+    if len(tail) != 2 or not tail[1].isdigit():
+        raise ValueError(f"uid {uid!r} does not end in -seed<N>")
+    return int(tail[1])
+
+
+def generations_row(path: str, size: int, p: float, budget: int) -> list[str]:
+    """One table row for a ``val_generations/step_<k>.jsonl`` file of FrozenLake episodes."""
+    import json
+
+    from gymnasium.envs.toy_text.frozen_lake import generate_random_map
+
+    with open(path, encoding="utf-8") as fh:
+        episodes = [json.loads(line) for line in fh if line.strip()]
+    episodes = [e for e in episodes if e["env_tag"] == "FrozenLake"]
+    if not episodes:
+        raise SystemExit(f"{path}: no FrozenLake episodes")
+    index = {name: i for i, name in enumerate(ACTION_NAMES)}
+    routes = [tuple(index[a] for t in e["turns"] for a in t["actions"] if a in index) for e in episodes]
+    common = max(set(routes), key=routes.count)
+    tiles = encode_maps([generate_random_map(size=size, p=p, seed=seed_of(e["uid"])) for e in episodes])
+    replay = open_loop_success(tiles, np.array([common[:budget]])).mean() if common else 0.0
+    success = np.mean([e["success"] for e in episodes])
+    route = "".join(ACTION_NAMES[a][0] for a in common) or "(none)"
+    return [f"`{path}`", str(len(episodes)), f"{success:.3f}", str(len(set(routes))),
+            f"`{route}` ({routes.count(common)})", f"{replay:.3f}"]
+
+
 def map_sets(config) -> dict[str, list[list[str]]]:
     """The FrozenLake maps a run of ``config`` validates on (every time) and trains on (all its steps)."""
-    from ragen.env.frozenlake import FrozenLakeConfig
     from gymnasium.envs.toy_text.frozen_lake import generate_random_map
+
+    from ragen.env.frozenlake import FrozenLakeConfig
 
     def frozenlake_spec(groups) -> object:
         tags = list(groups.env_configs.tags)
@@ -163,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="archer", help="config/<name>.yaml (default: the main job's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Hydra override (repeatable)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "frozenlake_reference.md"))
+    p.add_argument("--generations", nargs="+", metavar="JSONL",
+                   help="val_generations/step_<k>.jsonl files of runs of this config: analyse them instead "
+                        "(prints only)")
     args = p.parse_args(argv)
 
     from hydra import compose, initialize_config_dir
@@ -175,6 +215,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("custom_envs.FrozenLake.env_config.is_slippery is true: this bench models deterministic "
                          "moves only (allowed: false)")
     budget = action_budget(config)
+    if args.generations:
+        from ragen.env.frozenlake import FrozenLakeConfig
+
+        spec = FrozenLakeConfig(**config.custom_envs["FrozenLake"].env_config)
+        size, prob = spec.size, spec.p
+        table = ["| file | episodes | success | distinct action sequences | most common (episodes) | "
+                 "its success as a fixed route on the same maps |", "|---|---:|---:|---:|---|---:|"]
+        table += ["| " + " | ".join(generations_row(f, size, prob, budget)) + " |" for f in args.generations]
+        print("\n".join(table))
+        return 0
     sets = {name: encode_maps(descs) for name, descs in map_sets(config).items()}
     names = list(sets)
     rows = []

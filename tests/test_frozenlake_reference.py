@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -60,3 +61,23 @@ def test_main_job_maps_and_budget(tmp_path):
     assert "within 6 actions" in text and "training (8 maps, 2 steps)" in text and "validation (32 maps)" in text
     with pytest.raises(SystemExit, match="is_slippery"):
         ref.main(["--set", "custom_envs.FrozenLake.env_config.is_slippery=true", "--out", str(out)])
+
+
+def test_generations_of_a_map_blind_policy_replay_to_the_same_success(tmp_path, capsys):
+    """Episodes that all walk Right, Right, Down, Down: one distinct sequence, and replaying it as a fixed route
+    on the same maps gives exactly the episodes' success."""
+    seeds = [123 + g for g in range(8)]
+    tiles = ref.encode_maps([generate_random_map(size=3, p=0.8, seed=s) for s in seeds])
+    route = np.array([2, 2, 1, 1])
+    reached = ref.open_loop_success(tiles, route[None])[0]
+    path = tmp_path / "step_10.jsonl"
+    with open(path, "w") as fh:
+        for seed, ok in zip(seeds, reached):
+            turns = [{"obs": "", "reply": "", "actions": ["Right", "Right"], "reward": 0.0},
+                     {"obs": "", "reply": "", "actions": ["Down", "Down"], "reward": float(ok)}]
+            fh.write(json.dumps({"step": 10, "uid": f"val-step10-group0-seed{seed}", "env_tag": "FrozenLake",
+                                 "success": bool(ok), "turns": turns}) + "\n")
+    assert ref.main(["--generations", str(path)]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if "step_10" in line][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:] == ["8", f"{reached.mean():.3f}", "1", "`RRDD` (8)", f"{reached.mean():.3f}"]

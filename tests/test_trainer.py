@@ -138,9 +138,9 @@ def test_validation_writes_the_first_episodes_dialogues(small_config, tmp_path):
     lines = (tmp_path / "run" / "val_generations" / "step_3.jsonl").read_text().splitlines()
     episodes = [json.loads(line) for line in lines]
     assert len(episodes) == 2 and {e["step"] for e in episodes} == {3}
-    assert all(e["env_tag"] and e["uid"] and e["turns"] and set(e["turns"][0]) == {"obs", "reply", "reward"}
+    assert all(e["env_tag"] and e["uid"] and e["turns"] and set(e["turns"][0]) == {"obs", "reply", "actions", "reward"}
                for e in episodes)
-    assert LO_ARM in episodes[0]["turns"][0]["reply"]
+    assert LO_ARM in episodes[0]["turns"][0]["reply"] and episodes[0]["turns"][0]["actions"] == ["Phoenix"]
     assert sum(e["success"] for e in episodes) <= 2 and "val/env/all/success_rate" in metrics
 
 

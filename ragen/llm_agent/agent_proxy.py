@@ -9,7 +9,8 @@
    action or more actions than ``agent_proxy.max_actions_per_turn`` (the extra ones are not taken) add
    ``es_manager.format_penalty`` to the turn's score;
 3. builds the right-padded ``[B, T]`` batch: ``input_ids``, ``attention_mask``, ``position_ids``,
-   ``loss_mask``, ``token_level_rewards`` (+ ``uid``, ``env_tag``, ``episode_success``, ``turn_records``),
+   ``loss_mask``, ``token_level_rewards`` (+ ``uid``, ``env_tag``, ``episode_success``, ``turn_records``: per
+   turn obs, action (the reply), reward, next_obs, done, num_tokens and env_actions, the actions taken),
    optionally keeping only the groups with the highest within-group reward spread
    (``actor_rollout_ref.rollout.rollout_filter_ratio`` < 1, train only).
 
@@ -266,7 +267,8 @@ class AgentProxy:
                 cur_text[i] = next_text
                 scores[i].append(score)
                 records[i].append({"obs": obs_text, "action": text, "reward": score,
-                                   "next_obs": next_text, "done": bool(done), "num_tokens": int(n_gen)})
+                                   "next_obs": next_text, "done": bool(done), "num_tokens": int(n_gen),
+                                   "env_actions": list(actions)})
                 turn_stats[i].append({"format_ok": format_ok, "n_actions": info["n_actions"],
                                       "n_valid": info["n_valid_actions"], "n_gen": n_gen,
                                       "env_reward": float(env_reward)})

@@ -306,7 +306,8 @@ class AgentTrainer:
 
     def write_val_generations(self, batch: DataProto, step: int) -> str:
         """The first ``trainer.log_val_generations`` validation episodes, one JSON line each: uid (env seed),
-        env tag, success and the turns (observation the policy saw, its reply, reward); returns the path."""
+        env tag, success and the turns (observation the policy saw, its reply, the actions the env took from it,
+        reward); returns the path."""
         rows = min(self.config.trainer.log_val_generations, len(batch))
         nt = batch.non_tensor_batch
         directory = os.path.join(self.out_dir, "val_generations")
@@ -314,7 +315,8 @@ class AgentTrainer:
         path = os.path.join(directory, f"step_{step}.jsonl")
         with open(path, "w", encoding="utf-8") as fh:
             for i in range(rows):
-                turns = [{"obs": t["obs"], "reply": t["action"], "reward": t["reward"]} for t in nt["turn_records"][i]]
+                turns = [{"obs": t["obs"], "reply": t["action"], "actions": t["env_actions"], "reward": t["reward"]}
+                         for t in nt["turn_records"][i]]
                 fh.write(json.dumps({"step": step, "uid": str(nt["uid"][i]), "env_tag": str(nt["env_tag"][i]),
                                      "success": bool(nt["episode_success"][i]), "turns": turns}) + "\n")
         return path
