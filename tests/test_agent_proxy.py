@@ -392,7 +392,8 @@ def test_turn_records_consistent_with_rows(tok):
         full = tok.decode(out.batch["input_ids"][b, :n].tolist())
         assert sum(r["reward"] for r in records) == pytest.approx(out.batch["token_level_rewards"][b].sum().item())
         for t, r in enumerate(records):
-            assert set(r) == {"obs", "action", "reward", "next_obs", "done", "num_tokens"}
+            assert set(r) == {"obs", "action", "reward", "next_obs", "done", "num_tokens", "env_actions"}
+            assert r["env_actions"] == {1: ["Left"], 2: [], 3: ["Right", "Right"]}[t + 1]
             assert r["num_tokens"] == len(tok(r["action"], add_special_tokens=False)["input_ids"]) + 1
             assert full.startswith(r["obs"] + r["action"])
             if t + 1 < len(records):
