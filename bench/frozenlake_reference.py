@@ -20,8 +20,9 @@ that reads the map goes above it.  Prints a markdown table and writes it to
     python bench/frozenlake_reference.py --generations RUN_DIR/val_generations/step_10.jsonl [...]
 
 instead reads validation episodes a run wrote (``trainer.log_val_generations``) and says whether the policy
-read the maps: its success, how many different action sequences it walked, and the success of its most
-common sequence replayed as a fixed route on the same maps (equal: nothing it did depended on the map).
+read the maps: its success, how many different action sequences it walked, how many episodes walked the most
+common one (or its start, until a hole ended them), and that sequence's success replayed as a fixed route on
+the same maps (all episodes on it and equal success: nothing the policy did depended on the map).
 """
 from __future__ import annotations
 
@@ -159,8 +160,9 @@ def generations_row(path: str, size: int, p: float, budget: int) -> list[str]:
     replay = open_loop_success(tiles, np.array([common[:budget]])).mean() if common else 0.0
     success = np.mean([e["success"] for e in episodes])
     route = "".join(ACTION_NAMES[a][0] for a in common) or "(none)"
-    return [f"`{path}`", str(len(episodes)), f"{success:.3f}", str(len(set(routes))),
-            f"`{route}` ({routes.count(common)})", f"{replay:.3f}"]
+    on_it = sum(r == common[:len(r)] for r in routes)  # the route itself, or its start when a hole ended it
+    return [f"`{path}`", str(len(episodes)), f"{success:.3f}", str(len(set(routes))), f"`{route}`",
+            str(on_it), f"{replay:.3f}"]
 
 
 def map_sets(config) -> dict[str, list[list[str]]]:
@@ -220,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
 
         spec = FrozenLakeConfig(**config.custom_envs["FrozenLake"].env_config)
         size, prob = spec.size, spec.p
-        table = ["| file | episodes | success | distinct action sequences | most common (episodes) | "
-                 "its success as a fixed route on the same maps |", "|---|---:|---:|---:|---|---:|"]
+        table = ["| file | episodes | success | distinct action sequences | most common | episodes that walked "
+                 "it (or its start, until a hole) | its success as a fixed route on the same maps |",
+                 "|---|---:|---:|---:|---|---:|---:|"]
         table += ["| " + " | ".join(generations_row(f, size, prob, budget)) + " |" for f in args.generations]
         print("\n".join(table))
         return 0

@@ -80,4 +80,4 @@ def test_generations_of_a_map_blind_policy_replay_to_the_same_success(tmp_path, 
     assert ref.main(["--generations", str(path)]) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if "step_10" in line][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1:] == ["8", f"{reached.mean():.3f}", "1", "`RRDD` (8)", f"{reached.mean():.3f}"]
+    assert cells[1:] == ["8", f"{reached.mean():.3f}", "1", "`RRDD`", "8", f"{reached.mean():.3f}"]
