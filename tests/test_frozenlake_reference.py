@@ -81,3 +81,16 @@ def test_generations_of_a_map_blind_policy_replay_to_the_same_success(tmp_path, 
     row = [line for line in capsys.readouterr().out.splitlines() if "step_10" in line][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1:] == ["8", f"{reached.mean():.3f}", "1", "`RRDD`", "8", f"{reached.mean():.3f}"]
+
+    # two more episodes: one stopped after the route's first move (its start: on it), one walked elsewhere
+    with open(path, "a") as fh:
+        for seed, actions in ((131, ["Right"]), (132, ["Down", "Down", "Down"])):
+            fh.write(json.dumps({"step": 10, "uid": f"val-step10-group0-seed{seed}", "env_tag": "FrozenLake",
+                                 "success": False, "turns": [{"obs": "", "reply": "", "actions": actions,
+                                                              "reward": 0.0}]}) + "\n")
+    replay = ref.open_loop_success(ref.encode_maps([generate_random_map(size=3, p=0.8, seed=s)
+                                                    for s in seeds + [131, 132]]), route[None]).mean()
+    assert ref.main(["--generations", str(path)]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if "step_10" in line][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:] == ["10", f"{reached.sum() / 10:.3f}", "3", "`RRDD`", "9", f"{replay:.3f}"]
