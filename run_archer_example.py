@@ -1,14 +1,14 @@
-"""The ArCHer demo on CPU: the main job's first 10 steps (config/archer.yaml: the embedded SmolLM2-135M on
-multi-turn FrozenLake, ~10 minutes on 2 cores); prints validation success before and after and saves a learning
-curve.
+"""The ArCHer demo on CPU: the main job's config for 10 steps (config/archer.yaml: the embedded SmolLM2-135M on
+multi-turn FrozenLake; its learning-rate schedule spans the steps run; 5-10 minutes on 2 cores); prints
+validation success before and after and saves a learning curve.
 
     python run_archer_example.py                      # FrozenLake: format warm-up, then 10 ArCHer steps
-    python run_archer_example.py --steps 20           # the whole main job (~15 minutes on 2 cores)
+    python run_archer_example.py --steps 20           # the whole main job (8-15 minutes on 2 cores)
     python run_archer_example.py --task bandit --steps 6     # the single-turn Bandit, a quick sanity check
     python run_archer_example.py --set actor_rollout_ref.actor.optim.lr=1e-5   # any config override
 
 Outputs go to ``outputs/archer_example/<task>/``: ``metrics.jsonl``, tensorboard events, the last checkpoint
-and ``learning_curve.png``.
+``val_generations/`` (every validation episode's turns) and ``learning_curve.png``.
 """
 from __future__ import annotations
 
