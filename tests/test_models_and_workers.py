@@ -388,9 +388,10 @@ def test_checkpoint_roundtrip_gives_identical_next_update(tmp_path):
 
 
 @pytest.mark.parametrize("schedule, expected", [
-    # cosine over 4 calls to 0.1: 0.1 + 0.45 * (1 + cos(pi k / 4)), k = 0..3
-    ({"lr_scheduler_type": "cosine", "min_lr_ratio": 0.1}, [1.0, 0.868198, 0.55, 0.231802]),
-    ({"lr_scheduler_type": "constant", "lr_warmup_steps": 2}, [0.0, 0.5, 1.0, 1.0]),
+    # call k updates at factor(k) and reports factor(k + 1), as veRL's workers do (the rate after the step);
+    # cosine over 4 calls to 0.1: factor(k) = 0.1 + 0.45 * (1 + cos(pi k / 4))
+    ({"lr_scheduler_type": "cosine", "min_lr_ratio": 0.1}, [0.868198, 0.55, 0.231802, 0.1]),
+    ({"lr_scheduler_type": "constant", "lr_warmup_steps": 2}, [0.5, 1.0, 1.0, 1.0]),
 ])
 def test_learning_rate_schedule_steps_once_per_update_call_and_survives_a_resume(tmp_path, schedule, expected):
     cfg = make_config(trainer={"total_training_steps": 4}, format_warmup={"steps": 0},
@@ -402,7 +403,10 @@ def test_learning_rate_schedule_steps_once_per_update_call_and_survives_a_resume
     d.batch["returns"] = torch.ones(8, 12) * d.batch["loss_mask"]
     rates = []
     for call in range(4):  # 2 optimizer steps a call (8 rows, mini-batch 4): the rate moves per call
+        before = [p.detach().clone() for p in w1.actor.parameters()]
         rates.append((w1.update_actor(d)["actor/lr"], w1.update_critic(d)["critic/lr"]))
+        moved = any(not torch.equal(a, p) for a, p in zip(before, w1.actor.parameters()))
+        assert moved == (call > 0 or "lr_warmup_steps" not in schedule)  # warm-up: the first call's rate is 0
         if call == 1:
             w1.save_checkpoint(str(tmp_path / "ckpt"))
     assert [a for a, _ in rates] == pytest.approx([1e-3 * r for r in expected], abs=1e-9)

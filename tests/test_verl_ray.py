@@ -152,6 +152,8 @@ def test_b_local_and_verl_workers_agree(tmp_path, ray_session):
                                         "trainer.n_gpus_per_node=2", "algorithm.adv_estimator=gae",
                                         "actor_rollout_ref.actor.use_kl_loss=true",
                                         "actor_rollout_ref.actor.kl_loss_coef=0.1", f"critic.model.path={critic_dir}",
+                                        "actor_rollout_ref.actor.optim.lr_scheduler_type=cosine",
+                                        "actor_rollout_ref.actor.optim.min_lr_ratio=0.1",
                                         *ray_session))
     start = time.perf_counter()
     local, verl = LocalWorkers(cfg), VerlWorkers(cfg)
@@ -201,6 +203,9 @@ def test_b_local_and_verl_workers_agree(tmp_path, ray_session):
             assert abs(ours[key] - theirs[key]) <= 1e-4, (key, ours[key], theirs[key])
         key = keys[0].split("/")[0] + "/grad_norm"
         assert abs(ours[key] - theirs[key]) <= 1e-4 * max(1.0, ours[key]), (key, ours[key], theirs[key])
+        key = keys[0].split("/")[0] + "/lr"  # the same schedule, reported the same way (after its step)
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-9), (key, ours[key], theirs[key])
+    assert actor_l["actor/lr"] < cfg.actor_rollout_ref.actor.optim.lr  # the cosine has started to decay
 
     # after one update each: the same weights
     close_scored("log-probs after the update", local.compute_log_probs(data).batch["old_log_probs"],

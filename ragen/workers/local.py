@@ -402,9 +402,10 @@ class LocalWorkers:
                 record["grad_norm"].append(self._clipped_step(unit))
                 record["loss"].append(mini_loss)
         unit.model.eval()
-        record["lr"] = [float(unit.optim.param_groups[0]["lr"])]  # the rate this call used
         unit.updates += 1
         unit.schedule.step()
+        # veRL's convention (verl/workers/engine_workers.py:376): the rate after this call's scheduler step
+        record["lr"] = [float(unit.optim.param_groups[0]["lr"])]
         return {**record, **{k: [v] for k, v in sums.items()}}
 
     @staticmethod
