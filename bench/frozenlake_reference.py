@@ -27,11 +27,13 @@ the same maps (all episodes on it and equal success: nothing the policy did depe
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections import deque
 
 import numpy as np
+from gymnasium.envs.toy_text.frozen_lake import generate_random_map
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -144,10 +146,6 @@ def seed_of(uid: str) -> int:
 
 def generations_row(path: str, size: int, p: float, budget: int) -> list[str]:
     """One table row for a ``val_generations/step_<k>.jsonl`` file of FrozenLake episodes."""
-    import json
-
-    from gymnasium.envs.toy_text.frozen_lake import generate_random_map
-
     with open(path, encoding="utf-8") as fh:
         episodes = [json.loads(line) for line in fh if line.strip()]
     episodes = [e for e in episodes if e["env_tag"] == "FrozenLake"]
@@ -167,8 +165,6 @@ def generations_row(path: str, size: int, p: float, budget: int) -> list[str]:
 
 def map_sets(config) -> dict[str, list[list[str]]]:
     """The FrozenLake maps a run of ``config`` validates on (every time) and trains on (all its steps)."""
-    from gymnasium.envs.toy_text.frozen_lake import generate_random_map
-
     from ragen.env.frozenlake import FrozenLakeConfig
 
     def frozenlake_spec(groups) -> object:
