@@ -33,7 +33,6 @@ import sys
 from collections import deque
 
 import numpy as np
-from gymnasium.envs.toy_text.frozen_lake import generate_random_map
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -144,7 +143,16 @@ def seed_of(uid: str) -> int:
     return int(tail[1])
 
 
-def generations_row(path: str, size: int, p: float, budget: int) -> list[str]:
+def maps_of(env, seeds: list[int]) -> list[list[str]]:
+    """The map ``env`` (a FrozenLake ``TextEnv``) draws for each seed: its own ``reset``, not a second copy."""
+    maps = []
+    for seed in seeds:
+        env.reset(seed)
+        maps.append(list(env.desc))
+    return maps
+
+
+def generations_row(path: str, env, budget: int) -> list[str]:
     """One table row for a ``val_generations/step_<k>.jsonl`` file of FrozenLake episodes."""
     with open(path, encoding="utf-8") as fh:
         episodes = [json.loads(line) for line in fh if line.strip()]
@@ -154,7 +162,7 @@ def generations_row(path: str, size: int, p: float, budget: int) -> list[str]:
     index = {name: i for i, name in enumerate(ACTION_NAMES)}
     routes = [tuple(index[a] for t in e["turns"] for a in t["actions"] if a in index) for e in episodes]
     common = max(set(routes), key=routes.count)
-    tiles = encode_maps([generate_random_map(size=size, p=p, seed=seed_of(e["uid"])) for e in episodes])
+    tiles = encode_maps(maps_of(env, [seed_of(e["uid"]) for e in episodes]))
     replay = open_loop_success(tiles, np.array([common[:budget]])).mean() if common else 0.0
     success = np.mean([e["success"] for e in episodes])
     route = "".join(ACTION_NAMES[a][0] for a in common) or "(none)"
@@ -164,25 +172,19 @@ def generations_row(path: str, size: int, p: float, budget: int) -> list[str]:
 
 
 def map_sets(config) -> dict[str, list[list[str]]]:
-    """The FrozenLake maps a run of ``config`` validates on (every time) and trains on (all its steps)."""
-    from ragen.env.frozenlake import FrozenLakeConfig
-
-    def frozenlake_spec(groups) -> object:
-        tags = list(groups.env_configs.tags)
-        if tags != ["FrozenLake"]:
-            raise SystemExit(f"es_manager env_configs.tags must be [FrozenLake] for this bench, got {tags}")
-        return FrozenLakeConfig(**config.custom_envs["FrozenLake"].env_config)
+    """The FrozenLake maps a run of ``config`` validates on (every time) and trains on (all its steps), with
+    the run's own seeding (``EnvStateManager.group_seed``) and map generation (the env's ``reset``)."""
+    from ragen.llm_agent.es_manager import EnvStateManager
 
     out = {}
-    val = config.es_manager.val
-    spec = frozenlake_spec(val)
-    out[f"validation ({val.env_groups} maps)"] = [
-        generate_random_map(size=spec.size, p=spec.p, seed=config.seed.val + g) for g in range(val.env_groups)]
-    train, steps = config.es_manager.train, config.trainer.total_training_steps
-    spec = frozenlake_spec(train)
-    seeds = [config.seed.train + s * train.env_groups + g for s in range(steps) for g in range(train.env_groups)]
-    out[f"training ({len(seeds)} maps, {steps} steps)"] = [
-        generate_random_map(size=spec.size, p=spec.p, seed=seed) for seed in seeds]
+    for mode, steps in (("val", 1), ("train", config.trainer.total_training_steps)):
+        tags = list(getattr(config.es_manager, mode).env_configs.tags)
+        if tags != ["FrozenLake"]:
+            raise SystemExit(f"es_manager.{mode}.env_configs.tags must be [FrozenLake] for this bench, got {tags}")
+        esm = EnvStateManager(config, mode)
+        seeds = [esm.group_seed(step, g) for step in range(steps) for g in range(esm.env_groups)]
+        label = f"validation ({len(seeds)} maps)" if mode == "val" else f"training ({len(seeds)} maps, {steps} steps)"
+        out[label] = maps_of(esm.envs[0].env, seeds)
     return out
 
 
@@ -214,14 +216,14 @@ def main(argv: list[str] | None = None) -> int:
                          "moves only (allowed: false)")
     budget = action_budget(config)
     if args.generations:
-        from ragen.env.frozenlake import FrozenLakeConfig
+        from ragen.env import make_env
 
-        spec = FrozenLakeConfig(**config.custom_envs["FrozenLake"].env_config)
-        size, prob = spec.size, spec.p
+        spec = config.custom_envs["FrozenLake"]
+        env = make_env(spec.env_type, dict(spec.env_config))
         table = ["| file | episodes | success | distinct action sequences | most common | episodes that walked "
                  "it (or its start, until a hole) | its success as a fixed route on the same maps |",
                  "|---|---:|---:|---:|---|---:|---:|"]
-        table += ["| " + " | ".join(generations_row(f, size, prob, budget)) + " |" for f in args.generations]
+        table += ["| " + " | ".join(generations_row(f, env, budget)) + " |" for f in args.generations]
         print("\n".join(table))
         return 0
     sets = {name: encode_maps(descs) for name, descs in map_sets(config).items()}
