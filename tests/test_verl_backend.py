@@ -23,7 +23,8 @@ from verl import DataProto
 
 import ragen  # noqa: F401  (registers archer / bi_level_gae with veRL)
 from ragen.config import ConfigError, load_config
-from ragen.trainer.core_algos import MissingValuesError, compute_archer_advantage_return
+from ragen.trainer.core_algos import compute_archer_advantage_return
+from ragen.trainer.estimators import MissingValuesError
 from ragen.workers.verl_backend import (
     POSITIONS_KEY,
     VerlWorkers,
@@ -742,3 +743,37 @@ def test_patch_is_a_unified_diff_of_ray_trainer_that_applies_and_works(tmp_path)
     del vb.batch["values"]
     with pytest.raises(ValueError, match="critic"):
         module.compute_advantage(vb, "archer")
+
+
+# ------------------------------------------------------------ flash_attn: a broken install counts as not installed
+def _fake_flash_attn(root: Path, body: str, monkeypatch) -> None:
+    (root / "flash_attn").mkdir(parents=True)
+    (root / "flash_attn" / "__init__.py").write_text(body)
+    monkeypatch.syspath_prepend(str(root))  # this process's find_spec sees it
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+
+
+def test_flash_attn_built_for_another_torch_is_not_installed(tmp_path, monkeypatch):
+    from ragen.workers.verl_backend.config import flash_attention_installed
+
+    _fake_flash_attn(tmp_path, 'raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda")\n',
+                     monkeypatch)
+    flash_attention_installed.cache_clear()
+    try:
+        assert importlib.util.find_spec("flash_attn") is not None
+        assert flash_attention_installed() is False
+    finally:
+        flash_attention_installed.cache_clear()
+
+
+def test_flash_attn_that_imports_is_installed(tmp_path, monkeypatch):
+    from ragen.workers.verl_backend.config import flash_attention_installed
+
+    _fake_flash_attn(tmp_path, "__version__ = '2.8.3'\n", monkeypatch)
+    flash_attention_installed.cache_clear()
+    try:
+        assert flash_attention_installed() is True
+        assert flash_attention_installed.cache_info().hits == 0
+        assert flash_attention_installed() is True and flash_attention_installed.cache_info().hits == 1
+    finally:
+        flash_attention_installed.cache_clear()

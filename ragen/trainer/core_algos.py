@@ -13,32 +13,19 @@ reply).  The maths is in ``docs/algorithm.md`` §2-6; symbols below follow it:
 Nothing loops over batch rows or tokens in Python.  The token-level recursion has a closed form when
 ``lam == 1`` (the RAGEN default); otherwise a log-depth parallel scan runs over the longest turn.
 
-Importing :mod:`ragen` registers ``archer`` and ``bi_level_gae`` in veRL's advantage-estimator registry
-(see :func:`register_with_verl`).
+veRL's registry adapters (``archer``, ``bi_level_gae``) live in :mod:`ragen.trainer.estimators`.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
-from verl.trainer.ppo import core_algos as verl_core_algos
-from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, get_adv_estimator_fn
 
 __all__ = [
     "segment_turns",
     "compute_archer_advantage_return",
     "compute_bi_level_gae_advantage_return",
-    "register_with_verl",
-    "run_estimator",
-    "check_estimator",
-    "MissingValuesError",
 ]
-
-
-class MissingValuesError(ValueError):
-    """Raised when a critic-based estimator is reached without the critic's values."""
-
 
 # --------------------------------------------------------------------------------------------------
 # Input checks
@@ -278,7 +265,7 @@ def compute_archer_advantage_return(
     gamma: float,
     lam: float,
     high_level_gamma: float,
-    archer_alpha: float = 0.1,
+    archer_alpha: float,
     turn_q: torch.Tensor | None = None,
     turn_v: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,113 +355,3 @@ def compute_bi_level_gae_advantage_return(
     terminal = one_step + high_level_gamma * lam * turns.next_of(y_first)
     advantages = _inside_turn_gae(turns, values, terminal, gamma, lam)
     return advantages, (advantages + values) * turns.weight
-
-
-# --------------------------------------------------------------------------------------------------
-# veRL registry adapters
-# --------------------------------------------------------------------------------------------------
-_HOW_TO_GET_VALUES = (
-    "veRL's compute_advantage does not pass the critic's values to custom estimators. Turn the critic on "
-    "(critic.enable=True; config/archer.yaml does) and let ragen's AgentTrainer call the estimator, or "
-    "call ragen.trainer.core_algos.{fn}(...) yourself with values=<token critic values [B, T]>."
-)
-
-
-def _discounts(config: Any) -> dict[str, float]:
-    """gamma, lam and high_level_gamma from an algorithm config (a dict, a DictConfig or veRL's AlgoConfig: all
-    three have ``get``); defaults as config/base.yaml."""
-    config = config if config is not None else {}
-    return {"gamma": config.get("gamma", 1.0), "lam": config.get("lam", 1.0),
-            "high_level_gamma": config.get("high_level_gamma", 0.95)}
-
-
-def _require_values(name: str, values: torch.Tensor | None, fn: str) -> torch.Tensor:
-    if values is None:
-        raise MissingValuesError(
-            f"adv_estimator '{name}' was reached without token values. " + _HOW_TO_GET_VALUES.format(fn=fn))
-    return values
-
-
-def _archer_from_verl(
-    token_level_rewards: torch.Tensor,
-    response_mask: torch.Tensor,
-    config: Any = None,
-    index: Any = None,
-    values: torch.Tensor | None = None,
-    turn_q: torch.Tensor | None = None,
-    turn_v: torch.Tensor | None = None,
-    **unused: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``archer`` as veRL calls it (keyword arguments of ``compute_advantage``), plus ``values``."""
-    values = _require_values("archer", values, "compute_archer_advantage_return")
-    alpha = (config if config is not None else {}).get("archer_alpha", 0.1)
-    return compute_archer_advantage_return(token_level_rewards, values, response_mask, archer_alpha=alpha,
-                                           turn_q=turn_q, turn_v=turn_v, **_discounts(config))
-
-
-def _bi_level_gae_from_verl(
-    token_level_rewards: torch.Tensor,
-    response_mask: torch.Tensor,
-    config: Any = None,
-    index: Any = None,
-    values: torch.Tensor | None = None,
-    **unused: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``bi_level_gae`` as veRL calls it, plus ``values``."""
-    values = _require_values("bi_level_gae", values, "compute_bi_level_gae_advantage_return")
-    return compute_bi_level_gae_advantage_return(token_level_rewards, values, response_mask, **_discounts(config))
-
-
-VERL_ESTIMATORS = {"archer": _archer_from_verl, "bi_level_gae": _bi_level_gae_from_verl}
-
-# What our trainer can hand an estimator (veRL's compute_advantage keywords, plus the critic's values and the
-# utterance critic's per-turn tables, plus gamma / lam / norm_adv_by_std_in_grpo for veRL's gae and grpo).
-ESTIMATOR_INPUTS = ("token_level_rewards", "response_mask", "config", "index", "values", "turn_q", "turn_v",
-                    "gamma", "lam", "norm_adv_by_std_in_grpo")
-
-
-def estimator_parameters(name: str) -> tuple[set[str], bool]:
-    """``(required keyword names, accepts **kwargs)`` of the registered estimator ``name``."""
-    params = inspect.signature(get_adv_estimator_fn(name)).parameters.values()
-    required = {p.name for p in params
-                if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    return required, any(p.kind is p.VAR_KEYWORD for p in params)
-
-
-def check_estimator(name: str) -> None:
-    """``ValueError`` when ``name`` is not registered or needs an input our trainer cannot give."""
-    if name not in ADV_ESTIMATOR_REGISTRY:
-        raise ValueError(f"algorithm.adv_estimator={name!r} is not in veRL's estimator registry (registered: "
-                         f"{', '.join(sorted(ADV_ESTIMATOR_REGISTRY))})")
-    missing = estimator_parameters(name)[0] - set(ESTIMATOR_INPUTS)
-    if missing:
-        raise ValueError(f"algorithm.adv_estimator={name!r} needs {sorted(missing)}, which the agent trainer does not "
-                         f"produce (it gives: {', '.join(ESTIMATOR_INPUTS)})")
-
-
-def run_estimator(name: str, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Call the estimator registered as ``name`` in veRL's registry with the inputs it declares.
-
-    ``inputs`` are keywords from :data:`ESTIMATOR_INPUTS`; an estimator that takes ``**kwargs`` gets them all.
-    This is how the trainer reaches every estimator, veRL's ``gae`` / ``grpo``, ours, and any a user registers.
-    """
-    unknown = set(inputs) - set(ESTIMATOR_INPUTS)
-    if unknown:
-        raise ValueError(f"run_estimator: unknown inputs {sorted(unknown)}")
-    required, takes_all = estimator_parameters(name)
-    fn = get_adv_estimator_fn(name)
-    names = set(inspect.signature(fn).parameters)
-    given = {k: v for k, v in inputs.items() if takes_all or k in names}
-    missing = required - set(given)
-    if missing:
-        raise MissingValuesError(f"adv_estimator '{name}' needs {sorted(missing)}; the critic is off or the "
-                                 "trainer did not compute them")
-    return fn(**given)
-
-
-def register_with_verl() -> None:
-    """Put ``archer`` and ``bi_level_gae`` in veRL's registry (idempotent: safe to call again)."""
-    for name, adapter in VERL_ESTIMATORS.items():
-        if verl_core_algos.ADV_ESTIMATOR_REGISTRY.get(name) is not adapter:
-            verl_core_algos.register_adv_est(name)(adapter)
-
