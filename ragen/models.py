@@ -98,6 +98,21 @@ def _fix_tokenizer(tok):
     return tok
 
 
+def _no_bpe_cleanup(tok):
+    """Turn off ``clean_up_tokenization_spaces`` on BPE tokenizers (where it can only be ignored).
+
+    transformers' GGUF converter sets it to True for gpt2/llama-3 style vocabularies (SmolLM2's included;
+    ``transformers/integrations/ggml.py``, ``GGUFLlamaConverter.tokenizer``), and ``save_pretrained`` writes it
+    into ``tokenizer_config.json``.  ``TokenizersBackend._decode`` then skips the clean-up for BPE models and
+    logs "Ignoring clean_up_tokenization_spaces=True for BPE tokenizer" on the first decode of every process.
+    Setting it False changes no decoded text; WordPiece and other non-BPE tokenizers are left as they are.
+    """
+    backend = getattr(tok, "backend_tokenizer", None)
+    if getattr(tok, "clean_up_tokenization_spaces", False) and type(getattr(backend, "model", None)).__name__ == "BPE":
+        tok.clean_up_tokenization_spaces = False
+    return tok
+
+
 def _fix_model_config(model, tok) -> None:
     model.config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = tok.pad_token_id
@@ -110,7 +125,7 @@ def _fix_model_config(model, tok) -> None:
 def _load_gguf_tokenizer(gguf: Path):
     with offline():
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-    return _fix_tokenizer(tok)
+    return _no_bpe_cleanup(_fix_tokenizer(tok))
 
 
 def _cached_build(name: str, build: Callable[[Path], None]) -> str:
@@ -217,7 +232,7 @@ def load_tokenizer(model_path: str):
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tok.pad_token is None:
         _fix_tokenizer(tok)
-    return tok
+    return _no_bpe_cleanup(tok)  # also for cache entries built before _load_gguf_tokenizer did it
 
 
 def load_causal_lm(model_path: str, dtype: torch.dtype = torch.float32):

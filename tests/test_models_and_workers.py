@@ -90,6 +90,36 @@ def test_missing_embedded_gguf_says_how_to_install(monkeypatch):
         models.find_embedded_gguf()
 
 
+@pytest.mark.parametrize("source", ["tiny-random", "gguf"])
+def test_tokenizer_decodes_without_the_clean_up_tokenization_spaces_warning(source, tmp_path, caplog):
+    # transformers logs it (logging, not warnings) once per process via an lru_cache'd Logger.warning_once,
+    # on the first decode, from a logger that does not propagate to the root logger caplog listens on
+    import logging
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    logging.Logger.warning_once.cache_clear()
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(caplog.handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if source == "gguf":  # the fresh conversion path, and what it saves for veRL's own loader
+                tok = models._load_gguf_tokenizer(models.find_embedded_gguf())
+                tok.save_pretrained(str(tmp_path))
+                assert AutoTokenizer.from_pretrained(str(tmp_path)).clean_up_tokenization_spaces is False
+            else:
+                tok = load_tokenizer(source)
+            text = "Hello , world . It 's fine !"
+            assert tok.decode(tok(text)["input_ids"]) == text  # BPE: spaces before punctuation are kept
+    finally:
+        hf_logger.removeHandler(caplog.handler)
+    assert tok.clean_up_tokenization_spaces is False
+    assert not [r for r in caplog.records if "clean_up_tokenization_spaces" in r.getMessage()]
+    assert not [w for w in caught if "clean_up_tokenization_spaces" in str(w.message)]
+
+
 def test_cached_build_runs_once_under_concurrency(tmp_path, monkeypatch):
     monkeypatch.setenv("RAGEN_CACHE_DIR", str(tmp_path))
     calls = []

@@ -309,7 +309,7 @@ def test_tracker_jsonl_console_and_tensorboard(tmp_path):
 
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [
-        {"step": 1, "train/env/all/success_rate": 0.5, "actor/pg_loss": -1.25},
+        {"step": 1, "train/env/all/success_rate": 0.5, "actor/pg_loss": -1.25, "bad": "nan"},
         {"step": 2, "val/env/all/success_rate": 0.75},
     ]
     assert read_metrics(tracker.jsonl_path)[1]["val/env/all/success_rate"] == 0.75
@@ -333,6 +333,33 @@ def test_tracker_console_only_and_unknown_sink(tmp_path):
     assert read_metrics(str(tmp_path / "c" / "metrics.jsonl")) == [{"step": 0, "a": 1.0}]
     with pytest.raises(ValueError, match="nonsense"):  # veRL's Tracking backends are allowed (wandb, mlflow, ...)
         Tracker(str(tmp_path / "d"), ["console", "nonsense"])
+
+
+def test_tracker_records_nan_and_inf_metrics_as_strings(tmp_path):
+    tracker = Tracker(str(tmp_path), [])
+    tracker.log({"a": float("nan"), "b": float("inf"), "c": float("-inf"), "d": 2, "e": -0.5, "f": "x"}, 3)
+    tracker.close()
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON
+    assert json.loads(text) == {"step": 3, "a": "nan", "b": "inf", "c": "-inf", "d": 2.0, "e": -0.5}
+    row = read_metrics(tracker.jsonl_path)[0]
+    assert math.isnan(row["a"]) and row["b"] == math.inf and row["c"] == -math.inf and row["d"] == 2.0
+
+
+@pytest.mark.parametrize("name, value", [("actor/pg_loss", float("nan")), ("critic/vf_loss", float("inf")),
+                                         ("utterance_critic/loss", float("-inf"))])
+def test_tracker_stops_on_a_non_finite_loss_after_recording_it(tmp_path, name, value):
+    shown: list[str] = []
+    tracker = Tracker(str(tmp_path), ["console"], console=shown.append)
+    tracker.log({"actor/pg_loss": 0.5, "critic/vf_loss": 1.0, "grad_norm": float("nan")}, 1)  # finite losses
+    with pytest.raises(FloatingPointError, match=rf"step 7: non-finite loss {name}=") as e:
+        tracker.log({name: value, "train/env/all/success_rate": 0.25}, 7)
+    assert "grad_norm" not in str(e.value)
+    tracker.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {"step": 1, "actor/pg_loss": 0.5, "critic/vf_loss": 1.0, "grad_norm": "nan"}
+    assert rows[1] == {"step": 7, name: str(value), "train/env/all/success_rate": 0.25}  # written before raising
+    assert shown[-1].startswith("[step 7]")
 
 
 # ------------------------------------------------------------ 7. real model smoke test

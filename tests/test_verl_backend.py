@@ -1,6 +1,7 @@
 """The veRL backend without Ray: configs, the layout conversion, veRL's own checks and helpers, the batch plan
 against veRL's own assertions, the worker plumbing against stand-in worker groups, the regression tests of the
-defects veRL's real workers exposed (../shared/VERL_ON_CPU.md), and the top-level ``verl/`` folder.
+defects veRL's real workers exposed (numbered in the "defects" section below; the resulting behaviour is in
+docs/scaling.md sections 4 and 7), and the top-level ``verl/`` folder.
 
 Nothing here starts Ray; the runs against veRL's real workers are in tests/test_verl_ray.py.
 """
@@ -196,7 +197,7 @@ def test_update_row_plan():
     assert plan_update_rows(40, 16, 8) == (16, 48)
     assert plan_update_rows(2, 4, 4) == (4, 4)
     assert plan_update_rows(3, 2, 4) == (4, 4)       # a mini-batch is at least one row per rank
-    # with the micro-batch (defect 1 of VERL_ON_CPU.md): mini-batches in whole micro-batches per rank
+    # with the micro-batch (defect 1 below; docs/scaling.md section 4): mini-batches in whole micro-batches per rank
     assert plan_update_rows(32, 32, 8, 4) == (32, 32)
     assert plan_update_rows(30, 32, 2, 4) == (32, 32)
     assert plan_update_rows(4, 2, 2, 2) == (4, 4)    # mini 2 over 2 ranks would be 1 row < micro 2
@@ -394,7 +395,9 @@ def test_policy_backbone_is_refused_before_anything_starts():
 
 
 # ------------------------------------------------------------------------------------- defects (real workers)
-# ../shared/VERL_ON_CPU.md section "Defects": each has a regression test below (they fail on the code before the fix).
+# Defects of the veRL backend that veRL's real workers exposed on a CPU: 1 rows not divisible by the micro-batch,
+# 2 SGLang's seed key, 3 total_training_steps left at -1 for the LR schedulers, 4-5 device and Ray arguments
+# hard-coded, 6 FSDP1 on a CPU. Each has a regression test below (they fail on the code before the fix).
 def test_defect1_every_rank_gets_whole_micro_batches(tmp_path):
     """Forward passes padded to dp x micro rows, updates planned in mini-batches of whole micro-batches per rank:
     veRL's own splitting and assertions (split_like_verl) accept every call."""

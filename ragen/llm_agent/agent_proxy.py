@@ -40,7 +40,7 @@ from ragen.config import RunConfig, load_config
 from .ctx_manager import ContextManager, Dialogue
 from .es_manager import MODES, EnvStateManager
 
-__all__ = ["AgentProxy", "build_batch", "left_pad"]
+__all__ = ["AgentProxy", "build_batch", "left_pad", "play_turn"]
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +108,47 @@ def build_batch(dialogues: list[Dialogue], turn_scores: list[list[float]], pad_i
         "loss_mask": loss_mask,
         "token_level_rewards": rewards,
     }
+
+
+def play_turn(ctx: ContextManager, esm: EnvStateManager, env_index: int, dialogue: Dialogue, gen_ids: list[int],
+              turn: int, max_turn: int, format_penalty: float, obs_text: str,
+              close_last_reply: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One turn of one episode: append the reply to ``dialogue``, parse it, step env ``env_index``, score the turn
+    and, unless the episode is over, append the next user message.  Shared by :class:`AgentProxy` and the veRL
+    plugin's agent loop, so both score turns alike.
+
+    ``obs_text`` is the dialogue text before the reply (the turn's state).  ``close_last_reply=False`` leaves a
+    length-cut final reply without the closing end-of-turn token (a row whose last token must be generated).
+    Returns ``(record, stats)``: the turn record (obs, action = reply text, reward = env reward + format penalty,
+    next_obs ('' when done), done, num_tokens, env_actions) and the metric inputs of :meth:`AgentProxy._metrics`.
+    """
+    state = esm.envs[env_index]
+    text, n_gen = ctx.append_response(dialogue, gen_ids)
+    actions, format_ok = ctx.parse_response(text)
+    cap = ctx.max_actions_per_turn
+    # actions over the per-turn cap are not taken and cost the format penalty (else a policy is free to pad its
+    # answers with them until replies overrun response_length)
+    actions, dropped = actions[:cap], actions[cap:]
+    obs, env_reward, done, info = esm.step(env_index, actions)
+    penalized = (not format_ok) or info["any_invalid"] or bool(dropped)
+    score = float(env_reward) + (format_penalty if penalized else 0.0)
+    if turn == max_turn and not done:
+        esm.finish(env_index)
+        done = True
+    if done:
+        next_text = ""
+        if not close_last_reply and dialogue.loss_mask and dialogue.loss_mask[-1] == 0 and n_gen > 0:
+            del dialogue.input_ids[-1], dialogue.loss_mask[-1]  # the end-of-turn append_response added
+    else:
+        message = ctx.next_user_message(obs, env_reward, turn + 1, state.actions_left, format_ok,
+                                        info["invalid_actions"], dropped)
+        ctx.append_user(dialogue, message)
+        next_text = ctx.dialogue_text(dialogue)
+    record = {"obs": obs_text, "action": text, "reward": score, "next_obs": next_text, "done": bool(done),
+              "num_tokens": int(n_gen), "env_actions": list(actions)}
+    stats = {"format_ok": format_ok, "n_actions": info["n_actions"], "n_valid": info["n_valid_actions"],
+             "n_gen": n_gen, "env_reward": float(env_reward)}
+    return record, stats
 
 
 class AgentProxy:
@@ -242,36 +283,13 @@ class AgentProxy:
             gen_time += time.perf_counter() - t0
             gen_calls += 1
             for i, gen_ids in zip(active, generated):
-                st = states[i]
-                obs_text = cur_text[i]
-                text, n_gen = self.ctx.append_response(dialogues[i], gen_ids)
-                gen_tokens += n_gen
-                actions, format_ok = self.ctx.parse_response(text)
-                cap = self.ctx.max_actions_per_turn
-                # actions over the per-turn cap are not taken and cost the format penalty (else a policy is
-                # free to pad its answers with them until replies overrun response_length)
-                actions, dropped = actions[:cap], actions[cap:]
-                obs, env_reward, done, info = esm.step(i, actions)
-                penalized = (not format_ok) or info["any_invalid"] or bool(dropped)
-                score = float(env_reward) + (self.format_penalty if penalized else 0.0)
-                if turn == self.max_turn and not done:
-                    esm.finish(i)
-                    done = True
-                if done:
-                    next_text = ""
-                else:
-                    message = self.ctx.next_user_message(obs, env_reward, turn + 1, st.actions_left,
-                                                         format_ok, info["invalid_actions"], dropped)
-                    self.ctx.append_user(dialogues[i], message)
-                    next_text = self.ctx.dialogue_text(dialogues[i])
-                cur_text[i] = next_text
-                scores[i].append(score)
-                records[i].append({"obs": obs_text, "action": text, "reward": score,
-                                   "next_obs": next_text, "done": bool(done), "num_tokens": int(n_gen),
-                                   "env_actions": list(actions)})
-                turn_stats[i].append({"format_ok": format_ok, "n_actions": info["n_actions"],
-                                      "n_valid": info["n_valid_actions"], "n_gen": n_gen,
-                                      "env_reward": float(env_reward)})
+                record, stats = play_turn(self.ctx, esm, i, dialogues[i], gen_ids, turn, self.max_turn,
+                                          self.format_penalty, obs_text=cur_text[i])
+                gen_tokens += stats["n_gen"]
+                cur_text[i] = record["next_obs"]
+                scores[i].append(record["reward"])
+                records[i].append(record)
+                turn_stats[i].append(stats)
 
         metrics = self._metrics(states, scores, turn_stats)
         metrics.update({"rollout/gen_time_s": gen_time, "rollout/gen_tokens": float(gen_tokens),

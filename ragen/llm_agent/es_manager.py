@@ -102,19 +102,24 @@ class EnvStateManager:
         if int(step) < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         self.step_index = int(step)
-        for st in self.envs:
-            st.seed = self.group_seed(step, st.group)
-            st.uid = self.group_uid(step, st.group)
-            st.obs = str(st.env.reset(st.seed))
-            st.actions_used = 0
-            st.total_reward = 0.0
-            st.success = False
-            st.done = False
-            st.n_turns = 0
-            st.n_actions = 0
-            st.n_valid_actions = 0
-            st.history = []
+        for index, st in enumerate(self.envs):
+            self.reset_env(index, self.group_seed(step, st.group), self.group_uid(step, st.group))
         return self.envs
+
+    def reset_env(self, env_index: int, seed: int, uid: str) -> EnvState:
+        """Start a new episode of env ``env_index`` on ``seed`` (the veRL agent loop picks seeds per dataset row)."""
+        st = self.envs[env_index]
+        st.seed, st.uid = int(seed), uid
+        st.obs = str(st.env.reset(st.seed))
+        st.actions_used = 0
+        st.total_reward = 0.0
+        st.success = False
+        st.done = False
+        st.n_turns = 0
+        st.n_actions = 0
+        st.n_valid_actions = 0
+        st.history = []
+        return st
 
     def step(self, env_index: int, actions: list[str]) -> tuple[str, float, bool, dict[str, Any]]:
         """Execute up to ``max_actions_per_turn`` actions in env ``env_index`` (stopping when it is done).

@@ -156,25 +156,7 @@ class AgentTrainer:
     def utterance_tables(self, batch: DataProto) -> tuple[torch.Tensor, torch.Tensor]:
         """``turn_q``, ``turn_v`` ``[B, N]`` from the utterance critic, in the order of the mask's turns."""
         _, num_turns = segment_turns(batch.batch["loss_mask"])
-        width = max(1, int(num_turns.max()))
-        obs, actions, slots = [], [], []
-        for row, records in enumerate(batch.non_tensor_batch["turn_records"]):
-            generated = [r for r in records if r.get("num_tokens", 1) > 0]  # an empty reply has no mask run
-            if len(generated) != int(num_turns[row]):
-                raise RuntimeError(f"row {row}: {len(generated)} turn records but {int(num_turns[row])} turns in "
-                                   "loss_mask")
-            for turn, record in enumerate(generated):
-                obs.append(record["obs"])
-                actions.append(record["action"])
-                slots.append((row, turn))
-        turn_q = torch.zeros(len(num_turns), width)
-        turn_v = torch.zeros(len(num_turns), width)
-        if slots:
-            q, v = self.utterance_critic.turn_values(obs, actions)
-            rows, cols = torch.tensor(slots).unbind(1)
-            turn_q[rows, cols] = q.float().cpu()
-            turn_v[rows, cols] = v.float().cpu()
-        return turn_q, turn_v
+        return self.utterance_critic.turn_tables(batch.non_tensor_batch["turn_records"], num_turns.tolist())
 
     def compute_advantages(self, batch: DataProto) -> dict[str, float]:
         """Fill ``advantages`` and ``returns`` [B, T] with the configured estimator; returns metrics."""

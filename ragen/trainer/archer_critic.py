@@ -408,6 +408,33 @@ class ArcherCritic:
         q1, q2, v1, v2 = self.critic_values(obs, actions)
         return torch.minimum(q1, q2), torch.minimum(v1, v2)
 
+    def turn_tables(self, records_per_row: Sequence[Sequence[Mapping[str, Any]]],
+                    num_turns: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``turn_q``, ``turn_v`` ``[B, N]`` (N = the most turns in a row, at least 1) for the estimator.
+
+        Row b's entries are its turn records with ``num_tokens > 0`` (an empty reply has no run in the loss
+        mask), in order; ``num_turns[b]`` is the count of runs in its mask, which must match.  Entries past a
+        row's last turn are 0.
+        """
+        width = max([1, *(int(n) for n in num_turns)])
+        obs, actions, rows, cols = [], [], [], []
+        for row, (records, expected) in enumerate(zip(records_per_row, num_turns)):
+            generated = [r for r in records if r.get("num_tokens", 1) > 0]
+            if len(generated) != int(expected):
+                raise RuntimeError(f"row {row}: {len(generated)} turn records but {int(expected)} turns in the mask")
+            for col, record in enumerate(generated):
+                obs.append(record["obs"])
+                actions.append(record["action"])
+                rows.append(row)
+                cols.append(col)
+        turn_q = torch.zeros(len(num_turns), width)
+        turn_v = torch.zeros(len(num_turns), width)
+        if obs:
+            q, v = self.turn_values(obs, actions)
+            turn_q[rows, cols] = q
+            turn_v[rows, cols] = v
+        return turn_q, turn_v
+
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: heads, targets, optimizer, replay buffer (torch.save-able)."""

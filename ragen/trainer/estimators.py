@@ -123,11 +123,15 @@ def _archer_from_verl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``archer`` as veRL calls it (keyword arguments of ``compute_advantage``), plus ``values`` and the tables."""
     turn_q, turn_v = _given("turn_q", turn_q), _given("turn_v", turn_v)
+    values = _given("values", values)
+    if values is None and (turn_q is None or turn_v is None):
+        _require_values("archer", values, "compute_archer_advantage_return")
     alpha = _setting(config, "archer.alpha", "archer")
-    if alpha == 0 and turn_q is not None and turn_v is not None and _given("values", values) is None:
+    if values is None:
+        if alpha != 0:
+            _require_values("archer", values, "compute_archer_advantage_return")
         # pure utterance level: the token values enter neither the advantages nor anything that is trained
         values = torch.zeros_like(token_level_rewards)
-    values = _require_values("archer", values, "compute_archer_advantage_return")
     return compute_archer_advantage_return(token_level_rewards, values, response_mask, archer_alpha=alpha,
                                            turn_q=turn_q, turn_v=turn_v, **_discounts(config, "archer"))
 

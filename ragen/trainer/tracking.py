@@ -33,7 +33,14 @@ CONSOLE_KEYS = (
 
 class Tracker:
     """Writes every metric dict to ``<log_dir>/metrics.jsonl`` (one JSON object per call, with ``step``) and to
-    the backends named in ``trainer.logger``; tensorboard events go to ``<log_dir>/tensorboard``."""
+    the backends named in ``trainer.logger``; tensorboard events go to ``<log_dir>/tensorboard``.
+
+    Only numeric values are recorded (strings and other objects are dropped).  A NaN or infinite value is
+    recorded, not dropped: strict JSON has no NaN/Infinity, so ``metrics.jsonl`` holds it as the string
+    ``"nan"``, ``"inf"`` or ``"-inf"`` (``read_metrics`` turns these back into floats); the backends and the
+    console line get the float itself.  A NaN or infinite *loss* (a metric whose name ends in ``loss``, e.g.
+    ``actor/pg_loss``, ``critic/vf_loss``, ``utterance_critic/loss``) stops the run: ``log`` records the step
+    everywhere first, then raises ``FloatingPointError`` naming the metric(s) and the step."""
 
     def __init__(self, log_dir: str, backends: Iterable[str], project: str = "ragen_archer",
                  experiment: str = "run", config: Any = None, console: Callable[[str], None] | None = None):
@@ -54,10 +61,10 @@ class Tracker:
                 self._tracking = Tracking(project, experiment, default_backend=others, config=config)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        clean = {k: float(v) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        record = {k: v if math.isfinite(v) else str(v) for k, v in clean.items()}  # "nan", "inf", "-inf"
         with open(self.jsonl_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, **clean}, sort_keys=True) + "\n")
+            fh.write(json.dumps({"step": step, **record}, sort_keys=True, allow_nan=False) + "\n")
         if self._tracking is not None:
             self._tracking.log(clean, step)
         if self.console is not None:
@@ -65,6 +72,10 @@ class Tracker:
                      for k in CONSOLE_KEYS if k in clean]
             if shown:
                 self.console(f"[step {step}] " + "  ".join(shown))
+        bad = sorted(k for k, v in clean.items() if k.endswith("loss") and not math.isfinite(v))
+        if bad:
+            raise FloatingPointError(f"step {step}: non-finite loss "
+                                     + ", ".join(f"{k}={clean[k]}" for k in bad) + f" (recorded in {self.jsonl_path})")
 
     def close(self) -> None:
         if self._tracking is not None:
@@ -72,6 +83,10 @@ class Tracker:
 
 
 def read_metrics(path: str) -> list[dict[str, float]]:
-    """Read back a ``metrics.jsonl`` file."""
+    """Read back a ``metrics.jsonl`` file (``"nan"``, ``"inf"``, ``"-inf"`` become floats again)."""
     with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return [{k: float(v) if v in _NON_FINITE else v for k, v in row.items()} for row in rows]
+
+
+_NON_FINITE = ("nan", "inf", "-inf")

@@ -8,8 +8,12 @@ dataclasses plus the batch-plan facts veRL asserts only at run time, each refusa
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import operator
 import os
+import subprocess
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -169,10 +173,20 @@ def verl_default_config(overrides: Iterable[str] = ()) -> DictConfig:
         restore_gh_from_backup(backup)
 
 
+@functools.lru_cache(maxsize=1)
 def flash_attention_installed() -> bool:
-    import importlib.util
+    """Whether ``import flash_attn`` works, tried in a child process (once per process).
 
-    return importlib.util.find_spec("flash_attn") is not None
+    ``find_spec`` alone would accept a flash_attn built for another torch, whose C extension then fails to load
+    (``undefined symbol``) when veRL loads the model; such a broken install counts as not installed.
+    """
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        done = subprocess.run([sys.executable, "-c", "import flash_attn"], capture_output=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
 
 
 def _ours(cfg: RunConfig, key: str) -> Any:
@@ -280,6 +294,10 @@ def check_verl_config(verl_config: DictConfig, critic_enabled: bool, build_model
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import omega_conf_to_dataclass
     from verl.utils.config import validate_config as verl_validate_config
+
+    # veRL's own checks: this backend computes advantages in AgentTrainer, not in veRL's trainer, so the plugin's
+    # main_ppo checks (ragen.verl_plugin.checks, which wrap this function) do not apply
+    verl_validate_config = getattr(verl_validate_config, "__wrapped__", verl_validate_config)
 
     cfg = OmegaConf.create(OmegaConf.to_container(verl_config, resolve=True))
     if need_critic(cfg) != bool(critic_enabled):

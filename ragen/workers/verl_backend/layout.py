@@ -18,7 +18,7 @@ __all__ = ["POSITIONS_KEY", "to_verl_batch", "from_verl_batch", "plan_update_row
 
 # Keys of our [B, T] layout that describe the row itself (everything else [B, T] is per-token data).
 _LAYOUT_KEYS = ("input_ids", "attention_mask", "position_ids", "loss_mask")
-# Rewards placed before the first generated token belong to turn 0 (ARCHER_SPEC section 2): folded onto the
+# Rewards placed before the first generated token belong to turn 0 (docs/algorithm.md §2): folded onto the
 # first generated token so that no reward is lost when the prompt part is cut away.
 _REWARD_KEYS = ("token_level_rewards", "token_level_scores")
 POSITIONS_KEY = "ragen_positions"  # [B, P + R] long: our column of each veRL column, -1 on padding

@@ -1,0 +1,231 @@
+"""The ``archer`` V1 trainer (``trainer.v1.trainer_mode=archer``): veRL's sync trainer plus ArCHer's utterance critic.
+
+Each step, veRL samples the dialogues (its agent loop, its rollout servers), then:
+
+1. ``on_sample_end`` (the rollout replicas are still awake, with the weights that generated the batch): every
+   row's turns are rebuilt from its ``response_mask`` (:mod:`.turns`), the new turns go into the utterance
+   critic's replay buffer, the critic takes ``algorithm.archer.critic.updates`` TD steps whose V targets use
+   fresh replies of the current policy, generated through veRL's own rollout servers, and ``turn_q`` /
+   ``turn_v`` are read for each row; then the replicas are put to sleep as veRL's sync trainer does.  Replies
+   sampled here cost no weight sync (after ``_compute_advantage`` they would: trainer_sync.py:40-42 sleeps the
+   replicas at the end of sampling, and the actor only updates after the advantages, trainer_base.py:600-610);
+2. ``_compute_advantage``: veRL's own (KL in reward, rollout correction, ``compute_advantage``) inside
+   :func:`ragen.trainer.estimators.critic_inputs`, which hands the token critic's ``values`` and the tables to
+   the registered ``archer`` estimator; then advantages are whitened over the response tokens
+   (``algorithm.whiten_advantages``, as ``train.py``'s trainer does);
+3. checkpoints: the critic with its replay buffer is written into ``global_step_N/archer_critic.pt`` before veRL
+   writes its tracker file, and ``trainer.resume_mode=auto`` / ``resume_path`` load it back.
+
+veRL's trainer treats any ``trainer_mode`` but ``sync`` as asynchronous (trainer_base.py:153, 731, 902, 1004,
+1499): this trainer runs under the name ``archer`` and keeps ``self.trainer_mode = "sync"``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from typing import Any
+
+import numpy as np
+import torch
+import transfer_queue as tq
+from tensordict import TensorDict
+from verl.trainer.ppo.v1.trainer_base import register_trainer
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
+from verl.utils.debug import marked_timer
+from verl.utils.torch_functional import masked_whiten
+from verl.workers.utils.padding import response_to_nested
+
+from ragen.llm_agent.ctx_manager import ContextManager
+from ragen.trainer.archer_critic import ArcherCritic
+from ragen.trainer.estimators import critic_inputs
+from ragen.trainer.text_encoders import build_text_encoder
+from ragen.utils import mix_seed
+from ragen.verl_plugin.checks import TRAINER_MODE, archer_settings, check_config
+from ragen.verl_plugin.turns import rebuild_turns
+
+logger = logging.getLogger(__name__)
+
+CRITIC_FILE = "archer_critic.pt"
+# veRL's sync replay buffer sleeps this long between polls for finished rollouts (2 s by default,
+# verl/trainer/ppo/v1/replay_buffer.py:144, 409): at least that per step, whatever the rollout took
+_POLL_S = 0.05
+_ROW_FIELDS = ["prompts", "responses", "response_mask", "rm_scores", "extra_fields", "agent_name"]
+
+
+def _nested_rows(field: Any) -> list[torch.Tensor]:
+    return list(field.unbind(0)) if getattr(field, "is_nested", False) else list(field)
+
+
+@register_trainer(TRAINER_MODE)
+class ArcherTrainer(PPOTrainerSync):
+    """veRL's sync V1 trainer with ArCHer's utterance critic (see the module docstring)."""
+
+    def __init__(self, config: Any):
+        check_config(config)  # main_ppo ran it before Ray; a trainer built directly checks here
+        super().__init__(config)
+        self.archer, self.high_level_gamma = archer_settings(config)
+        self.whiten = bool(config.algorithm.get("whiten_advantages", True))
+        self.utterance_critic: ArcherCritic | None = None
+        if self.archer.critic.type == "utterance":
+            settings = self.archer.critic
+            encoder = build_text_encoder(settings.backbone, device="cpu", grid_features=settings.grid_features)
+            self.utterance_critic = ArcherCritic(encoder, settings, gamma=self.high_level_gamma,
+                                                 replay_capacity=self.archer.replay.capacity, device="cpu",
+                                                 seed=int(config.data.get("seed", None) or 0))
+        self._sampled = None  # the KVBatchMeta the replay buffer handed out this step
+        self._tables: dict[str, tuple[list[float], list[float]]] = {}
+        self._pending_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------ sampling
+    def _build_replay_buffer(self):
+        self.trainer_mode = "sync"  # the sync code paths of veRL's trainer, under the registered name archer
+        buffer = super()._build_replay_buffer()
+        buffer.poll_interval = _POLL_S
+        sample = buffer.sample
+
+        def sample_and_keep(*args: Any, **kwargs: Any):
+            batch, metrics = sample(*args, **kwargs)
+            self._sampled = batch
+            return batch, metrics
+
+        buffer.sample = sample_and_keep
+        return buffer
+
+    def on_sample_end(self):
+        if self.utterance_critic is not None:
+            with marked_timer("archer_critic", self.timing_raw, color="purple"):
+                self._pending_metrics = self._critic_step(self._sampled)
+        super().on_sample_end()
+
+    # ------------------------------------------------------------------------------------------ critic
+    def _rows(self, batch) -> tuple[list[str], list[list[dict[str, Any]]], list[bool], int]:
+        """``(keys, turn records per row, is_padding per row, reply cap)`` of a sampled batch."""
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=_ROW_FIELDS)
+        prompts, responses = _nested_rows(data["prompts"]), _nested_rows(data["responses"])
+        masks, scores = _nested_rows(data["response_mask"]), _nested_rows(data["rm_scores"])
+        extras = list(data["extra_fields"]) if "extra_fields" in data.keys() else [{}] * len(batch)
+        names = list(data["agent_name"]) if "agent_name" in data.keys() else ["?"] * len(batch)
+        padding = [bool(tag.get("is_padding", False)) for tag in batch.tags]
+        decode = self.tokenizer.decode
+        records = [[] if pad else rebuild_turns(p.tolist(), r.tolist(), m, extra or {}, float(s.sum()), decode,
+                                                str(name))
+                   for p, r, m, s, extra, name, pad in zip(prompts, responses, masks, scores, extras, names, padding)]
+        caps = {int(e["reply_tokens"]) for e in extras if isinstance(e, dict) and "reply_tokens" in e}
+        cap = max(caps) if caps else int(self.config.actor_rollout_ref.rollout.response_length)
+        return list(batch.keys), records, padding, cap
+
+    def _critic_step(self, batch) -> dict[str, float]:
+        keys, records, padding, cap = self._rows(batch)
+        critic, settings = self.utterance_critic, self.archer.critic
+        new = [r for row, pad in zip(records, padding) if not pad for r in row]
+        critic.add(new)
+        sampler = (lambda states: self._policy_replies(states, cap)) if settings.v_target == "policy" else None
+        metrics = critic.update(settings.updates, policy_action_fn=sampler, fresh=len(new),
+                                max_policy_samples=settings.policy_samples)
+        num_turns = [sum(r["num_tokens"] > 0 for r in row) for row in records]
+        turn_q, turn_v = critic.turn_tables(records, num_turns)
+        self._tables = {key: (turn_q[i, :n].tolist(), turn_v[i, :n].tolist())
+                        for i, (key, n) in enumerate(zip(keys, num_turns))}
+        out = {f"utterance_{k}" if k.startswith("critic/") else k: v for k, v in metrics.items()}
+        if new:
+            out["utterance_critic/turn_q_mean"] = float(np.mean([r for q, _ in self._tables.values() for r in q]))
+        return out
+
+    def _policy_replies(self, states: list[str], cap: int) -> list[str]:
+        """A reply of the current policy (training sampling) to each dialogue state, from veRL's rollout servers."""
+        client = self.get_llm_client()
+        rollout = self.config.actor_rollout_ref.rollout
+        eot = ContextManager._end_of_turn(self.tokenizer)[1]
+        params = {"temperature": rollout.temperature, "top_p": rollout.top_p, "top_k": rollout.top_k,
+                  "max_tokens": cap, "stop_token_ids": [eot]}
+        prompts = [self.tokenizer(s, add_special_tokens=False)["input_ids"] for s in states]
+
+        critic = self.utterance_critic  # seeds from the critic's own state, which a checkpoint restores
+
+        async def generate_all():
+            return await asyncio.gather(*(
+                client.generate(request_id=uuid.uuid4().hex, prompt_ids=p,
+                                sampling_params={**params, "seed": mix_seed(critic.seed, critic.num_updates, i)})
+                for i, p in enumerate(prompts)))
+
+        outputs = asyncio.run(generate_all())
+        return [self.tokenizer.decode(list(o.token_ids)[:cap], skip_special_tokens=True) for o in outputs]
+
+    # ------------------------------------------------------------------------------------------ estimate
+    def _turn_tables(self, batch) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        if self.utterance_critic is None:
+            return None, None
+        rows = []
+        for key, tag in zip(batch.keys, batch.tags):
+            if key in self._tables:
+                rows.append(self._tables[key])
+            elif tag.get("is_padding", False):
+                rows.append(([], []))
+            else:
+                raise RuntimeError(f"archer trainer: row {key} reached the advantage without its turn values")
+        width = max([1, *(len(q) for q, _ in rows)])
+        turn_q, turn_v = torch.zeros(len(rows), width), torch.zeros(len(rows), width)
+        for i, (q, v) in enumerate(rows):
+            turn_q[i, :len(q)] = torch.tensor(q)
+            turn_v[i, :len(v)] = torch.tensor(v)
+        return turn_q, turn_v
+
+    def _compute_advantage(self, batch, metrics: dict):
+        metrics.update(self._pending_metrics)
+        self._pending_metrics = {}
+        values = None
+        if self.use_critic:
+            data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["values"])
+            values = data.to_padded_tensor()["values"].float()
+        turn_q, turn_v = self._turn_tables(batch)
+        with critic_inputs(values=values, turn_q=turn_q, turn_v=turn_v):
+            batch = super()._compute_advantage(batch, metrics)
+        if self.whiten:
+            self._whiten_advantages(batch)
+        return batch
+
+    def _whiten_advantages(self, batch) -> None:
+        """Whiten the written advantages over the response tokens of the real rows (padding rows stay 0)."""
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                               select_fields=["advantages", "response_mask"])
+        nested_mask = data["response_mask"]
+        padded = data.to_padded_tensor()
+        real = torch.tensor([not tag.get("is_padding", False) for tag in batch.tags])[:, None]
+        mask = padded["response_mask"].float() * real
+        if float(mask.sum()) < 2:
+            return
+        whitened = masked_whiten(padded["advantages"].float(), mask) * mask
+        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id,
+                        fields=TensorDict({"advantages": response_to_nested(whitened, nested_mask)},
+                                          batch_size=len(batch)))
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self):
+        if self.utterance_critic is not None:  # before veRL writes its tracker file, which points at this folder
+            folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, CRITIC_FILE)
+            torch.save(self.utterance_critic.state_dict(), path + ".tmp")
+            os.replace(path + ".tmp", path)
+        super()._save_checkpoint()
+
+    def _load_checkpoint(self):
+        super()._load_checkpoint()
+        if self.global_steps == 0 or self.utterance_critic is None:
+            return
+        trainer = self.config.trainer
+        if trainer.resume_mode == "resume_path":
+            folder = trainer.resume_from_path
+        else:
+            folder = find_latest_ckpt_path(os.path.abspath(trainer.default_local_dir))
+        path = os.path.join(os.path.abspath(folder), CRITIC_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"archer trainer: resuming from {folder} at step {self.global_steps}, but the "
+                                    f"utterance critic's {CRITIC_FILE} is not there (a checkpoint written without "
+                                    "the archer trainer?); use trainer.resume_mode=disable to start over")
+        self.utterance_critic.load_state_dict(torch.load(path, weights_only=False))
+        logger.info("archer trainer: utterance critic and replay buffer (%d turns) restored from %s",
+                    len(self.utterance_critic.buffer), path)
