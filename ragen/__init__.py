@@ -3,9 +3,9 @@
 Importing this package registers the ``archer`` and ``bi_level_gae`` advantage estimators in veRL's
 registry, so ``algorithm.adv_estimator=archer`` is understood wherever veRL looks estimators up.
 """
-# veRL first: in a veRL worker process `import verl` imports the modules named in VERL_USE_EXTERNAL_MODULES
-# (our CPU platform, verl/__init__.py -> import_external_libs), which import ragen.workers and ragen.config; if
-# veRL were first imported from inside ragen.trainer.core_algos, that module would still be half-initialised.
+# veRL first: `import verl` loads this package's veRL plugin (entry point ragen_archer -> ragen.verl_plugin), which
+# imports ragen.trainer.estimators; were veRL first imported from inside that module, the plugin would find it
+# half-initialised.
 import verl  # noqa: F401, I001
 from ragen.trainer.core_algos import (  # noqa: F401
     compute_archer_advantage_return,

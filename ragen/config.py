@@ -22,8 +22,6 @@ from omegaconf.errors import OmegaConfBaseException
 from verl.utils.tracking import Tracking
 
 from ragen.env import BanditConfig, FrozenLakeConfig, SokobanConfig
-from ragen.trainer.estimators import check_estimator
-from ragen.trainer.text_encoders import check_backbone
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "check_section", "to_dictconfig",
            "resolve_device", "check_verl_device"]
@@ -479,12 +477,18 @@ BUILT_IN_ESTIMATORS = ("gae", "grpo", "bi_level_gae", "archer")
 def load_config(config: Any) -> RunConfig:
     """Build and check the run configuration from a composed Hydra config (or an equivalent nested dict).
 
+    Checks that need a registry (the estimator's name, the critic's encoder) run at start-up
+    (:func:`ragen.trainer.agent_trainer.check_registered`), so this module imports nothing of the trainer.
+
     Every key of the schema must be present (``config/base.yaml`` has them all, so a key lost in an edit is
     caught); unknown keys, values of the wrong type, values out of range and inconsistent combinations raise
     :class:`ConfigError` naming the key.  A :class:`RunConfig` is checked and returned as is.
     """
+    if isinstance(config, RunConfig) and getattr(config, "_checked", False):
+        return config  # loaded and checked once at start-up; components get it passed down
     run = parse_config(config, require_all=True)
     _check_relations(run)
+    object.__setattr__(run, "_checked", True)
     return run
 
 
@@ -587,10 +591,6 @@ def _check_fields(node: Any, prefix: str) -> None:
 def _check_relations(cfg: RunConfig) -> None:
     """Checks that involve more than one key."""
     estimator = cfg.algorithm.adv_estimator
-    try:
-        check_estimator(estimator)
-    except ValueError as exc:
-        raise ConfigError(f"{exc}. This project's estimators: {', '.join(BUILT_IN_ESTIMATORS)}") from None
     if estimator == "grpo" and cfg.es_manager.train.group_size < 2:
         raise ConfigError("algorithm.adv_estimator=grpo compares rollouts inside a group: "
                           "es_manager.train.group_size must be >= 2")
@@ -601,10 +601,6 @@ def _check_relations(cfg: RunConfig) -> None:
     if estimator == "archer" and not critic_on and (cfg.archer.critic.type == "token" or cfg.archer.alpha > 0):
         raise ConfigError("algorithm.adv_estimator=archer with archer.critic.type=token or archer.alpha > 0 needs "
                           "the token critic; set critic.enable=true")
-    try:
-        check_backbone(cfg.archer.critic.backbone, cfg.archer.critic.grid_features)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
     if cfg.archer.actor.data == "replay" and not cfg.utterance_critic_enabled:
         raise ConfigError("archer.actor.data=replay trains the actor on the utterance critic's advantage: it needs "
                           "algorithm.adv_estimator=archer and archer.critic.type=utterance")

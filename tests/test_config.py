@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from ragen.config import ConfigError, RunConfig, load_config, parse_config
 from ragen.env import ENV_CLASSES
+from ragen.trainer.agent_trainer import check_registered
 
 
 def _diff(yaml: object, code: object, path: str = "") -> list[str]:
@@ -77,10 +78,10 @@ def test_a_user_registered_estimator_is_accepted_and_one_needing_unknown_inputs_
         return response_mask.clone(), response_mask.clone()
 
     try:
-        assert load_config(compose_config("base", ["algorithm.adv_estimator=test_config_constant",
-                                                   "critic.enable=false"])).algorithm.adv_estimator
+        check_registered(load_config(compose_config("base", ["algorithm.adv_estimator=test_config_constant",
+                                                             "critic.enable=false"])))
         with pytest.raises(ConfigError, match="reward_baselines"):  # veRL's remax needs an input we do not make
-            load_config(compose_config("base", ["algorithm.adv_estimator=remax"]))
+            check_registered(load_config(compose_config("base", ["algorithm.adv_estimator=remax"])))
     finally:
         ADV_ESTIMATOR_REGISTRY.pop("test_config_constant")
 

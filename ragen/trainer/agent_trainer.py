@@ -34,13 +34,14 @@ from tqdm.auto import tqdm
 from verl import DataProto
 from verl.utils.torch_functional import masked_whiten
 
-from ragen.config import RunConfig, load_config, resolve_device, to_dictconfig
+from ragen.config import BUILT_IN_ESTIMATORS, ConfigError, RunConfig, load_config, resolve_device, to_dictconfig
 from ragen.llm_agent.agent_proxy import AgentProxy, build_batch
 from ragen.llm_agent.ctx_manager import Dialogue
 from ragen.models import load_tokenizer
-from ragen.trainer.archer_critic import ArcherCritic
+from ragen.trainer.archer_critic import ArcherCritic, table_metrics
 from ragen.trainer.core_algos import segment_turns
-from ragen.trainer.estimators import register_with_verl, run_estimator
+from ragen.trainer.estimators import check_estimator, register_with_verl, run_estimator
+from ragen.trainer.text_encoders import check_backbone
 from ragen.trainer.tracking import Tracker
 from ragen.workers import build_workers, check_backend
 
@@ -74,11 +75,25 @@ def write_file_atomically(path: str, text: str) -> None:
         pass
 
 
+def check_registered(cfg: RunConfig) -> None:
+    """The config checks that need a registry: the estimator is in veRL's (and takes inputs the trainer makes),
+    the utterance critic's encoder exists; :class:`ConfigError` naming the key."""
+    try:
+        check_estimator(cfg.algorithm.adv_estimator)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}. This project's estimators: {', '.join(BUILT_IN_ESTIMATORS)}") from None
+    try:
+        check_backbone(cfg.archer.critic.backbone, cfg.archer.critic.grid_features)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 class AgentTrainer:
     """Trains a multi-turn LLM agent.  ``AgentTrainer(config).fit()`` runs the whole job."""
 
     def __init__(self, config: Any, workers: Any = None, console: Callable[[str], None] | None = None):
         self.config = cfg = load_config(config)  # every config error, before any model is loaded
+        check_registered(cfg)
         check_backend(cfg)
         register_with_verl()
         self.estimator = cfg.algorithm.adv_estimator
@@ -176,11 +191,7 @@ class AgentTrainer:
         if self.utterance_critic is not None:
             turn_q, turn_v = self.utterance_tables(batch)
             inputs.update(turn_q=turn_q, turn_v=turn_v)
-            _, num_turns = segment_turns(mask)
-            slot = torch.arange(turn_q.shape[1]) < num_turns[:, None]
-            if slot.any():
-                metrics["utterance_critic/turn_q_mean"] = float(turn_q[slot].mean())
-                metrics["utterance_critic/turn_adv_mean"] = float((turn_q - turn_v)[slot].mean())
+            metrics.update(table_metrics(turn_q, turn_v, segment_turns(mask)[1].tolist()))
         adv, ret = run_estimator(self.estimator, **inputs)
         on = mask.bool()
         if on.any():
@@ -195,13 +206,7 @@ class AgentTrainer:
 
     def update_utterance_critic(self, batch: DataProto) -> dict[str, float]:
         """New turns into the replay buffer, then ``archer.critic.updates`` TD steps."""
-        critic, settings = self.utterance_critic, self.config.archer.critic
-        records = [r for rows in batch.non_tensor_batch["turn_records"] for r in rows]
-        critic.add(records)
-        sampler = self._policy_actions if settings.v_target == "policy" else None
-        metrics = critic.update(settings.updates, policy_action_fn=sampler, fresh=len(records),
-                                max_policy_samples=settings.policy_samples)
-        return {f"utterance_{k}" if k.startswith("critic/") else k: v for k, v in metrics.items()}
+        return self.utterance_critic.learn(batch.non_tensor_batch["turn_records"], self._policy_actions)
 
     # ------------------------------------------------------------------------------------------ actor
     def replay_actor_batch(self) -> tuple[DataProto, dict[str, float]]:

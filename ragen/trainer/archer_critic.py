@@ -38,6 +38,7 @@ __all__ = [
     "DoubleCriticHeads",
     "ArcherCritic",
     "Transition",
+    "table_metrics",
 ]
 
 
@@ -408,6 +409,18 @@ class ArcherCritic:
         q1, q2, v1, v2 = self.critic_values(obs, actions)
         return torch.minimum(q1, q2), torch.minimum(v1, v2)
 
+    def learn(self, records_per_row: Sequence[Sequence[Mapping[str, Any]]],
+              policy_action_fn: Callable[[list[str]], Sequence[str]] | None) -> dict[str, float]:
+        """One iteration of the critic, as both trainers take it: the rows' turns into the replay buffer, then
+        ``archer.critic.updates`` TD steps; V targets from ``policy_action_fn``'s replies when ``v_target=policy``.
+        Metrics are named ``utterance_critic/*``."""
+        new = [r for row in records_per_row for r in row]
+        self.add(new)
+        sampler = policy_action_fn if self.settings.v_target == "policy" else None
+        metrics = self.update(self.settings.updates, policy_action_fn=sampler, fresh=len(new),
+                              max_policy_samples=self.settings.policy_samples)
+        return {f"utterance_{k}" if k.startswith("critic/") else k: v for k, v in metrics.items()}
+
     def turn_tables(self, records_per_row: Sequence[Sequence[Mapping[str, Any]]],
                     num_turns: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``turn_q``, ``turn_v`` ``[B, N]`` (N = the most turns in a row, at least 1) for the estimator.
@@ -434,6 +447,7 @@ class ArcherCritic:
             turn_q[rows, cols] = q
             turn_v[rows, cols] = v
         return turn_q, turn_v
+
 
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -472,3 +486,12 @@ class ArcherCritic:
                 if torch.is_tensor(v) and k != "step":
                     st[k] = v.to(self.device)
         return self
+
+
+def table_metrics(turn_q: torch.Tensor, turn_v: torch.Tensor, num_turns: Sequence[int]) -> dict[str, float]:
+    """Mean Q and mean advantage over the real entries of the ``[B, N]`` tables."""
+    slots = torch.arange(turn_q.shape[1]) < torch.as_tensor(list(num_turns))[:, None]
+    if not slots.any():
+        return {}
+    return {"utterance_critic/turn_q_mean": float(turn_q[slots].mean()),
+            "utterance_critic/turn_adv_mean": float((turn_q - turn_v)[slots].mean())}

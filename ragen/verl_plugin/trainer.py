@@ -25,9 +25,9 @@ import asyncio
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import transfer_queue as tq
 from tensordict import TensorDict
@@ -39,12 +39,12 @@ from verl.utils.torch_functional import masked_whiten
 from verl.workers.utils.padding import response_to_nested
 
 from ragen.llm_agent.ctx_manager import ContextManager
-from ragen.trainer.archer_critic import ArcherCritic
+from ragen.trainer.archer_critic import ArcherCritic, table_metrics
 from ragen.trainer.estimators import critic_inputs
 from ragen.trainer.text_encoders import build_text_encoder
 from ragen.utils import mix_seed
 from ragen.verl_plugin.checks import TRAINER_MODE, archer_settings, check_config
-from ragen.verl_plugin.turns import rebuild_turns
+from ragen.verl_plugin.turns import batch_turns
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +52,29 @@ CRITIC_FILE = "archer_critic.pt"
 # veRL's sync replay buffer sleeps this long between polls for finished rollouts (2 s by default,
 # verl/trainer/ppo/v1/replay_buffer.py:144, 409): at least that per step, whatever the rollout took
 _POLL_S = 0.05
-_ROW_FIELDS = ["prompts", "responses", "response_mask", "rm_scores", "extra_fields", "agent_name"]
+_ROW_FIELDS = ["prompts", "responses", "response_mask", "rm_scores", "extra_fields", "agent_name", "index",
+               "session_id"]
+
+
+def _int(data: Any, field: str, row: int) -> int:
+    """``data[field][row]`` as an int (0 when the agent loop did not store the field)."""
+    return int(data[field][row]) if field in data.keys() else 0
 
 
 def _nested_rows(field: Any) -> list[torch.Tensor]:
     return list(field.unbind(0)) if getattr(field, "is_nested", False) else list(field)
+
+
+def utterance_critic_step(critic: ArcherCritic, records: list[list[dict[str, Any]]],
+                          sampler: Callable[[list[str]], list[str]]
+                          ) -> tuple[torch.Tensor, torch.Tensor, list[int], dict[str, float]]:
+    """The utterance critic's iteration on a batch's turn records (padding rows: no records), as ``train.py``'s
+    trainer takes it: :meth:`ArcherCritic.learn`, then ``turn_q``, ``turn_v`` ``[B, N]`` of every row, the rows'
+    turn counts and the metrics."""
+    metrics = critic.learn(records, sampler)
+    num_turns = [sum(r["num_tokens"] > 0 for r in row) for row in records]
+    turn_q, turn_v = critic.turn_tables(records, num_turns)
+    return turn_q, turn_v, num_turns, {**metrics, **table_metrics(turn_q, turn_v, num_turns)}
 
 
 @register_trainer(TRAINER_MODE)
@@ -101,38 +119,32 @@ class ArcherTrainer(PPOTrainerSync):
         super().on_sample_end()
 
     # ------------------------------------------------------------------------------------------ critic
-    def _rows(self, batch) -> tuple[list[str], list[list[dict[str, Any]]], list[bool], int]:
-        """``(keys, turn records per row, is_padding per row, reply cap)`` of a sampled batch."""
+    def _rows(self, batch) -> tuple[list[str], list[list[dict[str, Any]]], int]:
+        """``(keys, turn records per row (none for padding rows), reply cap)`` of a sampled batch."""
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=_ROW_FIELDS)
-        prompts, responses = _nested_rows(data["prompts"]), _nested_rows(data["responses"])
-        masks, scores = _nested_rows(data["response_mask"]), _nested_rows(data["rm_scores"])
         extras = list(data["extra_fields"]) if "extra_fields" in data.keys() else [{}] * len(batch)
         names = list(data["agent_name"]) if "agent_name" in data.keys() else ["?"] * len(batch)
         padding = [bool(tag.get("is_padding", False)) for tag in batch.tags]
-        decode = self.tokenizer.decode
-        records = [[] if pad else rebuild_turns(p.tolist(), r.tolist(), m, extra or {}, float(s.sum()), decode,
-                                                str(name))
-                   for p, r, m, s, extra, name, pad in zip(prompts, responses, masks, scores, extras, names, padding)]
+        records = batch_turns([p.tolist() for p in _nested_rows(data["prompts"])],
+                              [r.tolist() for r in _nested_rows(data["responses"])],
+                              _nested_rows(data["response_mask"]),
+                              [float(s.sum()) for s in _nested_rows(data["rm_scores"])], extras, names, padding,
+                              self.tokenizer.decode)
         caps = {int(e["reply_tokens"]) for e in extras if isinstance(e, dict) and "reply_tokens" in e}
         cap = max(caps) if caps else int(self.config.actor_rollout_ref.rollout.response_length)
-        return list(batch.keys), records, padding, cap
+        # rows arrive in the order their episodes finished: put them in dataset order (row index, then sample), so
+        # the replay buffer, and so the critic's minibatches, do not depend on timing (a resume repeats a step)
+        order = sorted(range(len(batch)), key=lambda i: (_int(data, "index", i), _int(data, "session_id", i),
+                                                         batch.keys[i]))
+        return [batch.keys[i] for i in order], [records[i] for i in order], cap
 
     def _critic_step(self, batch) -> dict[str, float]:
-        keys, records, padding, cap = self._rows(batch)
-        critic, settings = self.utterance_critic, self.archer.critic
-        new = [r for row, pad in zip(records, padding) if not pad for r in row]
-        critic.add(new)
-        sampler = (lambda states: self._policy_replies(states, cap)) if settings.v_target == "policy" else None
-        metrics = critic.update(settings.updates, policy_action_fn=sampler, fresh=len(new),
-                                max_policy_samples=settings.policy_samples)
-        num_turns = [sum(r["num_tokens"] > 0 for r in row) for row in records]
-        turn_q, turn_v = critic.turn_tables(records, num_turns)
+        keys, records, cap = self._rows(batch)
+        sampler = lambda states: self._policy_replies(states, cap)
+        turn_q, turn_v, num_turns, metrics = utterance_critic_step(self.utterance_critic, records, sampler)
         self._tables = {key: (turn_q[i, :n].tolist(), turn_v[i, :n].tolist())
                         for i, (key, n) in enumerate(zip(keys, num_turns))}
-        out = {f"utterance_{k}" if k.startswith("critic/") else k: v for k, v in metrics.items()}
-        if new:
-            out["utterance_critic/turn_q_mean"] = float(np.mean([r for q, _ in self._tables.values() for r in q]))
-        return out
+        return metrics
 
     def _policy_replies(self, states: list[str], cap: int) -> list[str]:
         """A reply of the current policy (training sampling) to each dialogue state, from veRL's rollout servers."""

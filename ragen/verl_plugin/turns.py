@@ -72,3 +72,13 @@ def rebuild_turns(prompt_ids: Sequence[int], response_ids: Sequence[int], respon
                         "reward": reward, "next_obs": "" if (done or last) else states[k + 1],
                         "done": bool(done or last), "num_tokens": n})
     return records
+
+
+def batch_turns(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                masks: Sequence[torch.Tensor], row_scores: Sequence[float], extras: Sequence[dict[str, Any]],
+                agent_names: Sequence[str], padding: Sequence[bool],
+                decode: Callable[..., str]) -> list[list[dict[str, Any]]]:
+    """:func:`rebuild_turns` of every row of a batch; veRL's synthetic padding rows get no turns."""
+    return [[] if pad else rebuild_turns(p, r, m, extra or {}, score, decode, str(name))
+            for p, r, m, score, extra, name, pad in zip(prompts, responses, masks, row_scores, extras, agent_names,
+                                                        padding)]
