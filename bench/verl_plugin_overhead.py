@@ -69,7 +69,7 @@ def run(name: str, data: Path, model: str, ckpt: Path, steps: int, overrides: li
     wall = time.perf_counter() - start
     steps_logged = [json.loads(line)["data"] for line in log.read_text().splitlines()]
     later = steps_logged[1:] or steps_logged
-    mean = lambda key: sum(s.get(key, 0.0) for s in later) / len(later)  # noqa: E731
+    mean = lambda key: sum(s.get(key, 0.0) for s in later) / len(later)
     return {"wall_s": wall, "step_s": mean("timing_s/step"), "archer_s": mean("timing_s/archer_critic"),
             "adv_s": mean("timing_s/adv"), "processes": max(n for n, _ in samples),
             "peak_gib": max(r for _, r in samples) / 2**30}
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     gae, archer = results["gae"], results["archer"]
     lines = [f"`python -m bench.verl_plugin_overhead {' '.join(argv or sys.argv[1:])}` (model {args.model}, "
              f"{args.steps} steps, FrozenLake, 4 groups x 4 episodes, one run after the other on this machine)", "",
-             "| run | step s (mean after step 1) | plugin's critic phase s | adv s | processes | peak RSS GiB | wall s |",
+             "| run | step s (mean after step 1) | plugin critic phase s | adv s | processes | peak RSS GiB | wall s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['step_s']:.2f} | {r['archer_s']:.2f} | {r['adv_s']:.3f} | {r['processes']} | "

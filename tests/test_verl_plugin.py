@@ -318,6 +318,8 @@ def test_main_ppo_with_the_plugin_trains_checkpoints_and_resumes_with_identical_
     first, _, seconds = main_ppo(tmp_path, data, ckpt, "first")
     assert sorted(first) == [1, 2], sorted(first)
     assert first[2]["utterance_critic/buffer_size"] == 16 and first[2]["utterance_critic/policy_samples"] > 0
+    # the V-target replies are sampled while the replicas are awake: no weight sync beyond veRL's one per step
+    assert first[1]["perf/weight_syncs"] == first[2]["perf/weight_syncs"] == 1
     assert "val-core/ragen/FrozenLake/reward/mean@1" in first[2]
     assert (ckpt / "global_step_2" / "archer_critic.pt").exists()
 
@@ -390,3 +392,20 @@ def test_a_dialogue_over_the_budget_is_refused_before_it_reaches_a_server(tmp_pa
 
     with pytest.raises(PromptTooLongError, match=key):
         loop, _ = agent_loop(tmp_path, ["Right</answer><|im_end|>"] * 2, **limits)
+
+
+def test_alpha_set_for_main_ppo_reaches_the_estimator():
+    """algorithm.archer.alpha=0.5 on main_ppo's command line is the alpha veRL's compute_advantage computes with."""
+    from verl import DataProto
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    cfg = verl_config("algorithm.archer.alpha=0.5", "critic.enable=true", "algorithm.high_level_gamma=0.8")
+    check_config(cfg)
+    mask = torch.tensor([[1.0, 1, 0, 1, 1]])
+    rewards, values = torch.tensor([[0, 0.5, 0, 0, 1.0]]), torch.tensor([[0.1, 0.2, 0, 0.3, 0.4]])
+    data = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask},
+                               non_tensors={"uid": np.array(["g"], dtype=object)})
+    with critic_inputs(values=values):
+        out = compute_advantage(data, adv_estimator="archer", gamma=1.0, lam=1.0, config=cfg.algorithm)
+    expected, _ = compute_archer_advantage_return(rewards, values, mask, 1.0, 1.0, 0.8, 0.5)
+    torch.testing.assert_close(out.batch["advantages"], expected)

@@ -52,8 +52,7 @@ CRITIC_FILE = "archer_critic.pt"
 # veRL's sync replay buffer sleeps this long between polls for finished rollouts (2 s by default,
 # verl/trainer/ppo/v1/replay_buffer.py:144, 409): at least that per step, whatever the rollout took
 _POLL_S = 0.05
-_ROW_FIELDS = ["prompts", "responses", "response_mask", "rm_scores", "extra_fields", "agent_name", "index",
-               "session_id"]
+_ROW_FIELDS = ["prompts", "responses", "response_mask", "rm_scores", "extra_fields", "agent_name"]
 
 
 def _int(data: Any, field: str, row: int) -> int:
@@ -97,6 +96,26 @@ class ArcherTrainer(PPOTrainerSync):
         self._tables: dict[str, tuple[list[float], list[float]]] = {}
         self._pending_metrics: dict[str, float] = {}
 
+    # ------------------------------------------------------------------------------------------ weight syncs
+    def on_init_end(self):
+        sync = self.checkpoint_manager.update_weights
+
+        def counted(*args: Any, **kwargs: Any):
+            self._weight_syncs += 1
+            return sync(*args, **kwargs)
+
+        self._weight_syncs = 0
+        self.checkpoint_manager.update_weights = counted
+        super().on_init_end()
+
+    def on_step_begin(self):
+        self._weight_syncs = 0
+        super().on_step_begin()
+
+    def _consume_sync_metrics(self) -> dict:
+        # called right after on_step_end's sync: the step's count (1 = only the sync after the update)
+        return {**super()._consume_sync_metrics(), "perf/weight_syncs": float(self._weight_syncs)}
+
     # ------------------------------------------------------------------------------------------ sampling
     def _build_replay_buffer(self):
         self.trainer_mode = "sync"  # the sync code paths of veRL's trainer, under the registered name archer
@@ -113,9 +132,18 @@ class ArcherTrainer(PPOTrainerSync):
         return buffer
 
     def on_sample_end(self):
-        if self.utterance_critic is not None:
-            with marked_timer("archer_critic", self.timing_raw, color="purple"):
-                self._pending_metrics = self._critic_step(self._sampled)
+        with marked_timer("archer_critic", self.timing_raw, color="purple"):
+            batch = self._sampled
+            data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                                   select_fields=["index", "session_id"])
+            # rows arrive in the order their episodes finished: put them in dataset order (row index, then sample),
+            # so the replay buffer, the critic's minibatches and the actor's micro-batches do not depend on timing
+            # (a resumed run repeats the step it resumes at)
+            order = sorted(range(len(batch)), key=lambda i: (_int(data, "index", i), _int(data, "session_id", i),
+                                                             batch.keys[i]))
+            batch.reorder(order)
+            if self.utterance_critic is not None:
+                self._pending_metrics = self._critic_step(batch)
         super().on_sample_end()
 
     # ------------------------------------------------------------------------------------------ critic
@@ -132,11 +160,7 @@ class ArcherTrainer(PPOTrainerSync):
                               self.tokenizer.decode)
         caps = {int(e["reply_tokens"]) for e in extras if isinstance(e, dict) and "reply_tokens" in e}
         cap = max(caps) if caps else int(self.config.actor_rollout_ref.rollout.response_length)
-        # rows arrive in the order their episodes finished: put them in dataset order (row index, then sample), so
-        # the replay buffer, and so the critic's minibatches, do not depend on timing (a resume repeats a step)
-        order = sorted(range(len(batch)), key=lambda i: (_int(data, "index", i), _int(data, "session_id", i),
-                                                         batch.keys[i]))
-        return [batch.keys[i] for i in order], [records[i] for i in order], cap
+        return list(batch.keys), records, cap
 
     def _critic_step(self, batch) -> dict[str, float]:
         keys, records, cap = self._rows(batch)
