@@ -3,6 +3,7 @@
     python train.py                                   # config/base.yaml
     python train.py --config-name archer              # config/archer.yaml (ArCHer, utterance critic)
     python train.py algorithm.adv_estimator=archer    # any key can be overridden on the command line
+    python train.py --config-name archer_verl         # veRL's own trainer (main_ppo) with the ArCHer plugin
 """
 from __future__ import annotations
 
@@ -14,14 +15,20 @@ import hydra
 from omegaconf import DictConfig
 
 import ragen  # noqa: F401  (registers archer / bi_level_gae with veRL)
-from ragen.config import ConfigError
+from ragen.config import ConfigError, load_config
 from ragen.trainer.agent_trainer import AgentTrainer
 
 
 @hydra.main(config_path="config", config_name="base", version_base=None)
 def main(config: DictConfig) -> None:
     try:
-        trainer = AgentTrainer(config)
+        run = load_config(config)
+        if run.trainer.backend == "verl":  # veRL's own trainer with the plugin (ragen.verl_plugin.launch)
+            from ragen.verl_plugin import launch
+
+            launch.run(run)
+            return
+        trainer = AgentTrainer(run)
     except ConfigError as err:
         raise SystemExit(f"config error: {err}") from None
     history = trainer.fit()

@@ -409,3 +409,69 @@ def test_alpha_set_for_main_ppo_reaches_the_estimator():
         out = compute_advantage(data, adv_estimator="archer", gamma=1.0, lam=1.0, config=cfg.algorithm)
     expected, _ = compute_archer_advantage_return(rewards, values, mask, 1.0, 1.0, 0.8, 0.5)
     torch.testing.assert_close(out.batch["advantages"], expected)
+
+
+# ------------------------------------------------------------------------------------------------ train.py -> veRL
+FAKE_DATA = {"data.train_files": "/d/train.parquet", "data.val_files": "/d/val.parquet", "data.max_prompt_length": 200,
+             "data.max_response_length": 900}
+
+
+@pytest.mark.parametrize("n_gpus", [1, 2, 4, 8, 16])
+def test_archer_verl_batch_plans_run_or_are_refused_before_ray(n_gpus):
+    """train.py --config-name archer_verl on 1-8 GPUs fits veRL's batch splitting; 2 x 8 is refused, naming keys."""
+    from conftest import compose_config
+
+    from ragen.verl_plugin.launch import main_ppo_config
+    from ragen.workers.verl_backend.config import check_verl_config
+
+    nodes, per_node = (2, 8) if n_gpus == 16 else (1, n_gpus)
+    run = compose_config("archer_verl", [f"trainer.n_gpus_per_node={per_node}", f"trainer.nnodes={nodes}",
+                                         "trainer.device=cuda", "model_path=tiny-random"])
+    import ragen.workers.verl_backend.config as key_table
+    from ragen.config import load_config
+
+    with pytest.MonkeyPatch.context() as patch:  # no GPU here: resolve the engines as on one
+        patch.setattr(key_table, "resolve_device", lambda requested: "cuda")
+        patch.setattr("ragen.config.resolve_device", lambda requested: "cuda")
+        vcfg = main_ppo_config(load_config(run), FAKE_DATA)
+    assert vcfg.trainer.v1.trainer_mode == "archer" and vcfg.data.train_batch_size == 8
+    assert vcfg.actor_rollout_ref.rollout.n == 4 and vcfg.actor_rollout_ref.actor.ppo_mini_batch_size == 8
+    if n_gpus == 16:
+        with pytest.raises(ConfigError, match="ppo_mini_batch_size=32 must be a multiple of .* = 64"):
+            check_verl_config(vcfg, True)
+    else:
+        check_verl_config(vcfg, True)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["format_warmup.steps=2"], "format_warmup.steps"),
+    (["ppo_mini_batch_size=30", "micro_batch_size_per_gpu=2"], "es_manager.train.group_size"),
+])
+def test_train_py_keys_veRLs_trainer_cannot_take_are_refused(overrides, key):
+    from conftest import compose_config
+
+    from ragen.config import load_config
+    from ragen.verl_plugin.launch import main_ppo_config
+
+    run = load_config(compose_config("archer_verl", ["trainer.device=cpu", "trainer.n_gpus_per_node=1",
+                                                     "model_path=tiny-random", *overrides]))
+    with pytest.raises(ConfigError, match=key):
+        main_ppo_config(run, FAKE_DATA)
+
+
+def test_the_run_config_reaches_veRLs_config_once():
+    from conftest import compose_config
+
+    from ragen.config import load_config
+    from ragen.verl_plugin.launch import main_ppo_config
+
+    run = load_config(compose_config("archer_verl", ["trainer.device=cpu", "trainer.n_gpus_per_node=2",
+                                                     "model_path=tiny-random", "archer.alpha=0.5",
+                                                     "archer.warmup_iters=2", "trainer.log_val_generations=4"]))
+    vcfg = main_ppo_config(run, FAKE_DATA)
+    assert vcfg.algorithm.archer.alpha == 0.5 and vcfg.algorithm.archer.warmup_iters == 0
+    assert vcfg.trainer.critic_warmup == 3  # the actor first moves at step 3: two critic-only iterations
+    assert vcfg.trainer.validation_data_dir.endswith("val_generations")
+    assert vcfg.ray_kwargs.ray_init.num_gpus == 2 and vcfg.ray_kwargs.ray_init.num_cpus >= 10
+    assert vcfg.actor_rollout_ref.rollout.name == "hf" and vcfg.actor_rollout_ref.actor.strategy == "fsdp2"
+    check_config(vcfg)  # the plugin's own checks accept what the launcher builds

@@ -8,6 +8,7 @@ dataclasses plus the batch-plan facts veRL asserts only at run time, each refusa
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import operator
@@ -317,7 +318,8 @@ def check_verl_config(verl_config: DictConfig, critic_enabled: bool, build_model
         if critic_enabled:
             checks.append(("critic", cfg.critic.ppo_mini_batch_size, cfg.critic.ppo_micro_batch_size_per_gpu))
         for section, mini, micro in checks:
-            mini, micro, unit = int(mini), int(micro), n_gpus * int(micro)
+            # veRL counts a mini-batch in prompts and multiplies it by rollout.n (trainer_base.py:1807, :1830)
+            mini, micro, unit = int(mini) * int(rollout.n), int(micro), n_gpus * int(micro)
             if mini % unit:
                 fixes = [f"raise ppo_mini_batch_size to a multiple of {unit}"]
                 if mini % n_gpus == 0:
@@ -331,7 +333,11 @@ def check_verl_config(verl_config: DictConfig, critic_enabled: bool, build_model
     verl_validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=bool(critic_enabled))
     omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
     omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout.checkpoint_engine)
-    omega_conf_to_dataclass(cfg.algorithm)
+    # veRL's AlgoConfig, without the keys the ArCHer plugin adds to the section (algorithm.archer, ...)
+    from verl.trainer.config import AlgoConfig
+
+    known = {f.name for f in dataclasses.fields(AlgoConfig)} | {"_target_"}
+    omega_conf_to_dataclass(OmegaConf.masked_copy(cfg.algorithm, [k for k in cfg.algorithm if k in known]))
     if build_models:
         omega_conf_to_dataclass(cfg.actor_rollout_ref.model)
         if critic_enabled:
