@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
     --no-venv) VENV=0 ;;
     --timeout) TIMEOUT=$2; shift ;;
     --timeout=*) TIMEOUT=${1#*=} ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     *) [ -z "$OUT" ] || { echo "one OUT_DIR only (see --help)" >&2; exit 2; }; OUT=$1 ;;
   esac

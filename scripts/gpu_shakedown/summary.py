@@ -23,7 +23,7 @@ ENGINE_KEYS = [
     ("actor strategy", "actor_rollout_ref.actor.strategy"),
     ("actor FSDP", "actor_rollout_ref.actor.fsdp_config.strategy"),
     ("actor weights dtype", "actor_rollout_ref.actor.fsdp_config.model_dtype"),
-    ("actor compute dtype (mixed precision)", "actor_rollout_ref.actor.fsdp_config.dtype"),
+    ("actor FSDP mixed precision (param dtype)", "actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype"),
     ("ref strategy", "actor_rollout_ref.ref.strategy"),
     ("rollout", "actor_rollout_ref.rollout.name"),
     ("rollout dtype", "actor_rollout_ref.rollout.dtype"),
@@ -48,11 +48,14 @@ def steps_of(path: Path) -> dict[int, dict]:
 
 def engines(results: Path, config_dir: Path) -> dict[str, str]:
     """The engine settings main_ppo ran with: archer_cpu.yaml plus the overrides, composed by Hydra again."""
+    import warnings
+
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     overrides = [line for line in (results / "overrides.txt").read_text().splitlines() if line]
-    with initialize_config_dir(config_dir=str(config_dir / "verl"), version_base=None):
+    with warnings.catch_warnings(), initialize_config_dir(config_dir=str(config_dir / "verl"), version_base=None):
+        warnings.simplefilter("ignore")  # veRL's import warns of every engine it lacks
         cfg = compose(config_name="archer_cpu", overrides=overrides)
     out = {}
     for label, key in ENGINE_KEYS:
@@ -63,6 +66,10 @@ def engines(results: Path, config_dir: Path) -> dict[str, str]:
         else:
             value = OmegaConf.select(cfg, key, default="(unset)")
         out[label] = str(value)
+    if out["actor FSDP mixed precision (param dtype)"] == "(unset)":
+        # verl/workers/engine/fsdp/transformer_impl.py:391-397: no mixed_precision section means bf16 params,
+        # fp32 reduce and buffers over the model_dtype master weights
+        out["actor FSDP mixed precision (param dtype)"] = "bf16 (veRL's default)"
     if out["rollout"] == "hf":
         # ragen/workers/verl_backend/hf_rollout.py: the HFServer actor asks Ray for no GPU and loads the model with
         # from_pretrained's default device
@@ -138,7 +145,7 @@ def main(argv: list[str]) -> int:
                      f"samples): {memory['peak_mib']} MiB (before the runs: {memory['baseline_mib']} MiB)")
     else:
         lines.append("- peak GPU memory: n/a (no nvidia-smi samples: --cpu or no GPU)")
-    if torch_peak is not None:
+    if torch_peak is not None and env.get("mode") == "gpu":
         lines.append(f"- peak memory allocated by torch in the actor worker (its own process only): "
                      f"{torch_peak:.2f} GB")
 

@@ -181,7 +181,9 @@ def activate() -> dict[str, str]:
     from verl.plugin.platform import get_platform, set_platform
 
     register()
-    os.environ.update(ENV_VARS)
+    modules = [m for m in os.environ.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m]
+    # first: a module listed before it may ask veRL for the platform while it is imported
+    os.environ.update({**ENV_VARS, "VERL_USE_EXTERNAL_MODULES": ",".join(dict.fromkeys([__name__, *modules]))})
     if not isinstance(get_platform(), PlatformCPU):
         set_platform(PlatformCPU())
     return dict(ENV_VARS)
