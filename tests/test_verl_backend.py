@@ -1,7 +1,7 @@
-"""The veRL backend without Ray: configs, the layout conversion, veRL's own checks and helpers, the batch plan
-against veRL's own assertions, the worker plumbing against stand-in worker groups, the regression tests of the
-defects veRL's real workers exposed (numbered in the "defects" section below; the resulting behaviour is in
-docs/scaling.md sections 4 and 7), and the top-level ``verl/`` folder.
+"""veRL's config for this project's runs without Ray: the key table, veRL's own checks, the batch plan against
+veRL's own assertions, the regression tests of the defects veRL's real workers exposed (the "defects" section
+below; the resulting behaviour is in docs/scaling.md sections 4 and 7), flash_attn detection, and the top-level
+``verl/`` folder (a patch for forks with an old veRL).
 
 Nothing here starts Ray; the runs against veRL's real workers are in tests/test_verl_ray.py.
 """
@@ -25,17 +25,7 @@ from verl import DataProto
 import ragen  # noqa: F401  (registers archer / bi_level_gae with veRL)
 from ragen.config import ConfigError, load_config
 from ragen.trainer.core_algos import compute_archer_advantage_return
-from ragen.trainer.estimators import MissingValuesError
-from ragen.workers.verl_backend import (
-    POSITIONS_KEY,
-    VerlWorkers,
-    build_verl_config,
-    check_verl_config,
-    from_verl_batch,
-    plan_update_rows,
-    to_verl_batch,
-    verl_default_config,
-)
+from ragen.workers.verl_backend import build_verl_config, check_verl_config, verl_default_config
 
 REPO = Path(__file__).resolve().parents[1]
 PAD = 2
@@ -104,7 +94,7 @@ def test_our_keys_reach_verl():
     assert a.policy_loss.loss_mode == "gpg" and a.fsdp_config.param_offload is True
     assert (r.name, r.response_length, r.temperature, r.top_p) == ("vllm", 48, 0.7, 0.9)
     assert (r.tensor_model_parallel_size, r.gpu_memory_utilization, r.enforce_eager) == (2, 0.4, True)
-    assert (v.trainer.n_gpus_per_node, v.data.train_batch_size, c.enable) == (4, 32, True)
+    assert (v.trainer.n_gpus_per_node, c.enable) == (4, True)  # batch and data keys: ragen.verl_plugin.launch
     check_verl_config(v, critic_enabled=True, build_models=True)  # HFModelConfig reads the model dir
 
 
@@ -122,113 +112,7 @@ def test_verl_defaults_compose_inside_a_running_hydra_app():
         assert compose("archer").algorithm.adv_estimator == "archer"  # our Hydra state survived
 
 
-# ------------------------------------------------------------------------------------------------ layout
-def test_round_trip_keeps_masks_rewards_advantages_and_uid():
-    data = hand_batch()
-    vb = to_verl_batch(data, pad_token_id=PAD)
-    b = vb.batch
-    P, R = b["prompts"].shape[1], b["responses"].shape[1]
-    assert (P, R) == (3, 9)
-    assert b["input_ids"].shape == (2, P + R)
-    assert torch.equal(b["input_ids"], torch.cat([b["prompts"], b["responses"]], 1))
-    assert b["prompts"].tolist() == [[5, 6, 7], [PAD, 5, 6]]  # left-padded
-    assert b["attention_mask"][1].tolist() == [0] + [1] * 11
-    # response = everything from the first generated token on; response_mask = loss_mask restricted to it
-    for row, first in ((0, 3), (1, 2)):
-        n = int(data.batch["attention_mask"][row].sum()) - first
-        assert torch.equal(b["response_mask"][row, :n], data.batch["loss_mask"][row, first:first + n])
-        assert b["response_mask"][row, n:].sum() == 0
-        for key in ("token_level_rewards", "advantages", "returns", "values", "old_log_probs"):
-            assert torch.equal(b[key][row, :n], data.batch[key][row, first:first + n]), key
-    assert b["token_level_rewards"].sum() == pytest.approx(float(data.batch["token_level_rewards"].sum()))
-    assert list(vb.non_tensor_batch["uid"]) == ["group-a", "group-b"]
-
-    back = from_verl_batch(vb)
-    for key in ("input_ids", "attention_mask", "position_ids", "loss_mask", "token_level_rewards", "advantages",
-                "returns"):
-        assert torch.equal(back.batch[key], data.batch[key]), key
-        assert back.batch[key].dtype == data.batch[key].dtype
-    for row, first in ((0, 3), (1, 2)):  # veRL has no values / log-probs for prompt tokens: they come back 0
-        assert torch.equal(back.batch["values"][row, first:], data.batch["values"][row, first:])
-        assert back.batch["values"][row, :first].abs().sum() == 0
-    assert POSITIONS_KEY not in back.batch.keys() and "responses" not in back.batch.keys()
-    assert list(back.non_tensor_batch["uid"]) == ["group-a", "group-b"]
-    assert back.meta_info == {"temperature": 1.0}
-
-
-def test_reward_on_the_prompt_goes_to_turn_zero_and_bad_rows_are_refused():
-    data = hand_batch()
-    data.batch["token_level_rewards"][1, 0] = 0.3  # before the first turn: belongs to turn 0
-    vb = to_verl_batch(data, PAD)
-    assert vb.batch["token_level_rewards"][1, 0] == pytest.approx(0.3)
-    bad = hand_batch()
-    bad.batch["loss_mask"][0, 0] = 1.0  # the very first token generated: no prompt
-    with pytest.raises(ValueError, match="row 0"):
-        to_verl_batch(bad, PAD)
-
-
-def test_verl_padding_helpers_agree_with_our_alignment():
-    """veRL's own no-padding round trip: the model output at stream position j predicts token j + 1, so the
-    value veRL hands back for response token i must land on that token's column of our [B, T] row."""
-    from verl.utils import tensordict_utils as tu
-    from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
-
-    data = hand_batch()
-    vb = to_verl_batch(data, PAD)
-    keys = ("prompts", "responses", "input_ids", "attention_mask", "position_ids", "response_mask")
-    td = left_right_2_no_padding(DataProto.from_dict(tensors={k: vb.batch[k] for k in keys}).to_tensordict())
-    stream = td["input_ids"].values().float()
-    predicts_next = torch.nested.nested_tensor_from_jagged(torch.roll(stream, -1), offsets=td["input_ids"].offsets())
-    out = tu.get_tensordict({"log_probs": predicts_next}, {"metrics": {}})
-    per_response_token = no_padding_2_padding(tu.get(out, "log_probs"), td)
-    ours = from_verl_batch(DataProto.from_dict(tensors={"old_log_probs": per_response_token}), layout=vb)
-    lp = ours.batch["old_log_probs"]
-    ids, attn = data.batch["input_ids"].float(), data.batch["attention_mask"].bool()
-    for row, first in ((0, 3), (1, 2)):
-        on = attn[row].clone()
-        on[:first] = False
-        assert torch.equal(lp[row][on], ids[row][on])  # position p talks about token p
-        assert lp[row][~on].abs().sum() == 0            # prompt and padding: 0
-
-
-def test_update_row_plan():
-    assert plan_update_rows(32, 32, 8) == (32, 32)
-    assert plan_update_rows(30, 32, 8) == (32, 32)   # padded with zero-mask rows
-    assert plan_update_rows(40, 16, 8) == (16, 48)
-    assert plan_update_rows(2, 4, 4) == (4, 4)
-    assert plan_update_rows(3, 2, 4) == (4, 4)       # a mini-batch is at least one row per rank
-    # with the micro-batch (defect 1 below; docs/scaling.md section 4): mini-batches in whole micro-batches per rank
-    assert plan_update_rows(32, 32, 8, 4) == (32, 32)
-    assert plan_update_rows(30, 32, 2, 4) == (32, 32)
-    assert plan_update_rows(4, 2, 2, 2) == (4, 4)    # mini 2 over 2 ranks would be 1 row < micro 2
-    assert plan_update_rows(12, 8, 2, 2) == (8, 16)
-    assert plan_update_rows(3, 4, 1, 2) == (4, 4)
-
-
-# ------------------------------------------------------------------------------------------------ veRL's side
-def test_need_critic_and_compute_advantage_for_archer():
-    from verl.trainer.ppo.ray_trainer import compute_advantage
-    from verl.trainer.ppo.utils import need_critic
-
-    vcfg = build_verl_config(compose_config("archer_verl"), critic_enabled=True, resolve_paths=False, device="cuda")
-    assert need_critic(vcfg) is True  # critic.enable=true in config/archer.yaml
-    vb = to_verl_batch(hand_batch(), PAD)
-    with pytest.raises(MissingValuesError, match="archer"):  # veRL passes custom estimators no values
-        compute_advantage(vb, adv_estimator="archer", gamma=1.0, lam=1.0, config=vcfg.algorithm)
-
-
-# ------------------------------------------------------------------------------------------------ worker plumbing
-class FakeCheckpointManager:
-    def __init__(self):
-        self.calls = []
-
-    def sleep_replicas(self):
-        self.calls.append("sleep")
-
-    def update_weights(self, global_steps=None):
-        self.calls.append(("update_weights", global_steps))
-
-
+# ------------------------------------------------------------------------------------------------ batch plan
 def split_like_verl(rows: int, dp: int, micro: int, mini: int | None = None, epochs: int = 1) -> None:
     """What veRL's workers do with ``rows`` rows before any model runs, with veRL's own assertions: the dispatch
     split over ``dp`` ranks (``tu.chunk_tensordict``), for an update each rank's ``mini / dp`` rows per mini-batch
@@ -250,176 +134,10 @@ def split_like_verl(rows: int, dp: int, micro: int, mini: int | None = None, epo
             prepare_micro_batches(batch)
 
 
-class FakeGroup:
-    """Stands in for a RayWorkerGroup: `log_probs` / `values` = the next token id of the packed stream; with
-    ``micro`` every call first goes through veRL's own row splitting and its assertions (:func:`split_like_verl`)."""
-
-    def __init__(self, dp: int, micro: int | None = None):
-        self.dp, self.micro, self._dispatch_info, self.inputs = dp, micro, {}, {}
-
-    def _query_dispatch_info(self, mesh):
-        return [rank % self.dp for rank in range(self.dp)]
-
-    def _next_token(self, td, name, call, extra=()):
-        from verl.utils import tensordict_utils as tu
-
-        assert len(td) % self.dp == 0, "rows must split evenly over the ranks"
-        if self.micro is not None:
-            split_like_verl(len(td), self.dp, self.micro)
-        self.inputs[call] = td
-        offsets = td["input_ids"].offsets()
-        nxt = torch.nested.nested_tensor_from_jagged(torch.roll(td["input_ids"].values().float(), -1), offsets=offsets)
-        tensors = {name: nxt}
-        for key in extra:
-            tensors[key] = torch.nested.nested_tensor_from_jagged(torch.ones(offsets[-1].item()), offsets=offsets)
-        return tu.get_tensordict(tensors, {"metrics": {"mfu": 0.0}})
-
-    def compute_log_prob(self, td):
-        return self._next_token(td, "log_probs", "compute_log_prob", extra=("entropy",))
-
-    def infer_batch(self, td):
-        return self._next_token(td, "values", "infer_batch")
-
-    def _metrics(self, td, call, prefix):
-        from verl.utils import tensordict_utils as tu
-
-        if self.micro is not None:
-            split_like_verl(len(td), self.dp, self.micro, mini=tu.get(td, "mini_batch_size"),
-                            epochs=tu.get(td, "epochs"))
-        self.inputs[call] = td
-        return tu.get_tensordict({}, {"metrics": {f"{prefix}loss": [0.5, 0.25], "mfu": [0.1], "grad_norm": 2.0}})
-
-    def update_actor(self, td):
-        return self._metrics(td, "update_actor", "actor/pg_")
-
-    def train_mini_batch(self, td):
-        return self._metrics(td, "train_mini_batch", "critic/vf_")
-
-
-class FakeClient:
-    def __init__(self):
-        self.requests = []
-
-    async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
-        from verl.workers.rollout.replica import TokenOutput
-
-        self.requests.append((list(prompt_ids), dict(sampling_params)))
-        return TokenOutput(token_ids=[40, 41, PAD, 42][: 2 + len(self.requests) % 3])
-
-
-@pytest.fixture(scope="module")
-def fake_workers(tmp_path_factory):
-    # micro 1: 4 ranks x 1 row (the tiny mini-batch of 4 rows must split over 4 ranks in whole micro-batches)
-    # KL off: these stand-in tests follow the protocol's calls, the reference has its own test below
-    cfg = make_small_config(tmp_path_factory.mktemp("verl"), "trainer.n_gpus_per_node=4", "micro_batch_size_per_gpu=1",
-                            "actor_rollout_ref.actor.use_kl_loss=false", config_name="archer_verl")
-    workers = VerlWorkers(cfg, critic_enabled=True, start=False)
-    workers.actor_rollout_wg, workers.critic_wg = FakeGroup(4), FakeGroup(4)
-    workers.checkpoint_manager, workers.rollout_client = FakeCheckpointManager(), FakeClient()
-    return workers
-
-
-def test_worker_specs_build_without_a_cluster(fake_workers):
-    from verl.single_controller.ray.base import create_colocated_worker_cls
-
-    specs = fake_workers.worker_specs()
-    critic_cfg = specs.pop("_critic_config")
-    assert set(specs) == {"actor_rollout", "critic"}
-    assert critic_cfg.ppo_micro_batch_size_per_gpu == 1
-    assert specs["critic"].kwargs["config"].engine_config.micro_batch_size_per_gpu == 1
-    create_colocated_worker_cls(class_dict=specs)  # the colocated actor class veRL would place on each GPU
-
-
-def test_shipped_kl_loss_puts_the_reference_in_the_actor_workers(tmp_path):
-    """archer.yaml's KL loss: the frozen reference lives in the actor's workers (veRL's ActorRolloutRef role)."""
-    cfg = make_small_config(tmp_path, "trainer.n_gpus_per_node=4", "micro_batch_size_per_gpu=1",
-                            config_name="archer_verl")
-    assert cfg.actor_rollout_ref.actor.use_kl_loss
-    specs = VerlWorkers(cfg, critic_enabled=True, start=False).worker_specs()
-    specs.pop("_critic_config")
-    assert set(specs) == {"actor_rollout_ref", "critic"}
-
-
-def test_workers_protocol_over_stand_in_groups(fake_workers):
-    from ragen.workers.protocol import Workers
-
-    w = fake_workers
-    assert isinstance(w, Workers)
-    data = hand_batch()
-    ids = data.batch["input_ids"].float()
-
-    out = w.compute_log_probs(data)
-    lp, ent = out.batch["old_log_probs"], out.batch["entropys"]
-    assert lp.shape == ent.shape == (2, 12) and w.checkpoint_manager.calls == []
-    assert torch.equal(lp[0, 3:9], ids[0, 3:9]) and lp[0, :3].abs().sum() == 0 and ent[0, 3:9].eq(1).all()
-    assert len(w.actor_rollout_wg.inputs["compute_log_prob"]) == 4  # 2 rows padded to the 4 ranks
-
-    prompts = DataProto.from_dict(
-        tensors={"input_ids": torch.tensor([[PAD, 5, 6], [7, 8, 9]]),
-                 "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])},
-        meta_info={"max_new_tokens": 4, "temperature": 0.0, "do_sample": False, "eos_token_id": PAD, "seed": 3})
-    gen = w.generate(prompts)
-    assert w.checkpoint_manager.calls == [("update_weights", 0)]  # weights pushed before the first sample
-    assert [r[0] for r in w.rollout_client.requests] == [[5, 6], [7, 8, 9]]
-    assert w.rollout_client.requests[0][1]["temperature"] == 0.0 and w.rollout_client.requests[0][1]["max_tokens"] == 4
-    assert gen.batch["responses"].shape == (2, 4)
-    for row in range(2):
-        mask = gen.batch["response_mask"][row].tolist()
-        assert mask[0] == 1 and mask == sorted(mask, reverse=True)  # a prefix, up to and including eos
-
-    values = w.compute_values(data).batch["values"]
-    assert w.checkpoint_manager.calls[-1] == "sleep"  # servers freed before the critic runs
-    assert torch.equal(values[1, 2:11], ids[1, 2:11])
-
-    metrics = w.update_actor(data)
-    td = w.actor_rollout_wg.inputs["update_actor"]
-    from verl.utils import tensordict_utils as tu
-
-    assert len(td) == 4 and tu.get(td, "mini_batch_size") == 4 and tu.get(td, "compute_loss") is True
-    assert td["response_mask"][2:].sum() == 0 and td["advantages"][2:].abs().sum() == 0  # padding rows do nothing
-    assert metrics["actor/pg_loss"] == pytest.approx(0.375) and metrics["actor/grad_norm"] == 2.0
-    assert "perf/mfu/actor" in metrics
-    critic_metrics = w.update_critic(data)
-    assert critic_metrics["critic/vf_loss"] == pytest.approx(0.375)
-    assert w.checkpoint_manager.calls.count(("update_weights", 0)) == 1
-    w.generate(prompts)
-    assert w.checkpoint_manager.calls[-1] == ("update_weights", 1)  # the updated actor reaches the servers
-    with pytest.raises(NotImplementedError, match="backbone=hashing"):
-        w.encode_texts(["hello"])
-
-
-def test_policy_backbone_is_refused_before_anything_starts():
-    cfg = compose_config("archer_verl", ["archer.critic.backbone=policy"])
-    with pytest.raises(ConfigError, match="backbone=hashing or archer.critic.backbone=minilm"):
-        VerlWorkers(cfg, critic_enabled=True, start=False)
-
-
 # ------------------------------------------------------------------------------------- defects (real workers)
 # Defects of the veRL backend that veRL's real workers exposed on a CPU: 1 rows not divisible by the micro-batch,
 # 2 SGLang's seed key, 3 total_training_steps left at -1 for the LR schedulers, 4-5 device and Ray arguments
 # hard-coded, 6 FSDP1 on a CPU. Each has a regression test below (they fail on the code before the fix).
-def test_defect1_every_rank_gets_whole_micro_batches(tmp_path):
-    """Forward passes padded to dp x micro rows, updates planned in mini-batches of whole micro-batches per rank:
-    veRL's own splitting and assertions (split_like_verl) accept every call."""
-    cfg = make_small_config(tmp_path, "trainer.n_gpus_per_node=2", "actor_rollout_ref.actor.use_kl_loss=false",
-                            config_name="archer_verl")  # micro 2, mini 4
-    w = VerlWorkers(cfg, critic_enabled=True, start=False)
-    w.actor_rollout_wg, w.critic_wg = FakeGroup(2, micro=2), FakeGroup(2, micro=2)
-    w.checkpoint_manager, w.rollout_client = FakeCheckpointManager(), FakeClient()
-    for rows in (1, 2, 3):  # 1 and 3 rows: a rank would get 1 row (or none) against a micro-batch of 2
-        data = hand_batch()[[r % 2 for r in range(rows)]]
-        assert w.compute_log_probs(data).batch["old_log_probs"].shape[0] == rows
-        assert len(w.actor_rollout_wg.inputs["compute_log_prob"]) == 4
-        assert w.compute_values(data).batch["values"].shape[0] == rows
-        w.update_actor(data)
-        td = w.actor_rollout_wg.inputs["update_actor"]
-        from verl.utils import tensordict_utils as tu
-
-        assert len(td) == 4 and tu.get(td, "mini_batch_size") == 4
-        assert td["response_mask"][rows:].sum() == 0  # the padding rows carry no loss
-        w.update_critic(data)
-
-
 def test_defect1_split_like_verl_is_veRLs_assertion():
     with pytest.raises(AssertionError, match="divisible"):
         split_like_verl(2, 2, 2)  # 1 row per rank, micro-batches of 2: what crashed the first compute_log_prob
@@ -444,49 +162,6 @@ def test_defect1_impossible_batch_combinations_are_refused_naming_keys_and_numbe
     check_verl_config(build_verl_config(run, True, device="cuda"), True)  # micro-batches by token budget instead
 
 
-@pytest.mark.parametrize("n_gpus", [1, 2, 4, 8, 16])
-def test_archer_verl_defaults_on_1_2_4_8_gpus_run_or_are_refused_before_ray(n_gpus):
-    """Scenario c: the shipped archer_verl config either fits what veRL asserts (its own splitting, for the
-    rollout rows, a format warm-up batch and an odd row count) or is refused by the config check, naming keys."""
-    from ragen.workers.verl_backend.config import planned_rows_per_step
-
-    nodes, per_node = (2, 8) if n_gpus == 16 else (1, n_gpus)
-    run = load_config(compose_config("archer_verl", [f"trainer.n_gpus_per_node={per_node}", f"trainer.nnodes={nodes}",
-                                                     "model_path=tiny-random"]))  # veRL's critic check reads it
-    vcfg = build_verl_config(run, True, device="cuda")
-    if n_gpus == 16:
-        with pytest.raises(ConfigError, match="ppo_mini_batch_size=32 must be a multiple of .* = 64"):
-            check_verl_config(vcfg, True)
-        return
-    check_verl_config(vcfg, True)
-    micro, mini = run.micro_batch_size_per_gpu, run.ppo_mini_batch_size
-    assert vcfg.data.train_batch_size == planned_rows_per_step(run) == 32
-    for rows in (run.train_rows, 8, 5):  # a rollout, a format warm-up batch (8 envs), a filtered rollout
-        split_like_verl(-(-rows // (n_gpus * micro)) * n_gpus * micro, n_gpus, micro)  # forward passes
-        plan_mini, plan_rows = plan_update_rows(rows, mini, n_gpus, micro)
-        split_like_verl(plan_rows, n_gpus, micro, mini=plan_mini)  # updates
-
-
-def test_defect2_sglang_gets_its_seed_key(fake_workers):
-    """SGLang's SamplingParams call the per-request seed `sampling_seed`; vLLM and hf take `seed`."""
-    w = fake_workers
-    prompts = DataProto.from_dict(tensors={"input_ids": torch.tensor([[5, 6], [7, 8]]),
-                                           "attention_mask": torch.ones(2, 2, dtype=torch.long)},
-                                  meta_info={"max_new_tokens": 3, "temperature": 1.0, "do_sample": True, "seed": 11,
-                                             "eos_token_id": PAD})
-    rollout = w.engines.rollout
-    try:
-        for name, key in (("sglang", "sampling_seed"), ("vllm", "seed"), ("hf", "seed")):
-            w.engines.rollout = name
-            w.rollout_client.requests.clear()
-            w.generate(prompts)
-            params = [r[1] for r in w.rollout_client.requests]
-            assert sorted(p[key] for p in params) == [11, 12]
-            assert all(other not in p for p in params for other in {"seed", "sampling_seed"} - {key})
-    finally:
-        w.engines.rollout = rollout
-
-
 def test_defect3_total_training_steps_reach_the_lr_schedulers():
     from verl.utils.config import omega_conf_to_dataclass
 
@@ -508,68 +183,6 @@ def test_defect3_total_training_steps_reach_the_lr_schedulers():
     assert (critic_optim.lr_scheduler_type, critic_optim.lr_warmup_steps) == ("constant", 2)
 
 
-def test_defects4_5_device_and_ray_arguments_come_from_the_config(tmp_path, monkeypatch):
-    """start() passes the configured device to veRL's worker group (not "cuda"), gives the workers the CPU
-    platform's environment, and starts Ray with logical GPUs, enough CPUs and veRL's ray_kwargs."""
-    import ray
-    import verl.single_controller.ray as verl_ray
-    from verl.plugin.platform import get_platform, set_platform
-
-    from ragen.workers.verl_backend import cpu_platform
-    from ragen.workers.verl_backend.workers import ray_init_kwargs
-
-    cfg = make_small_config(tmp_path, "trainer.n_gpus_per_node=2", "verl.ray.num_cpus=3",
-                            "verl.overrides=['ray_kwargs.ray_init.log_to_driver=false']", config_name="archer_verl")
-    w = VerlWorkers(cfg, critic_enabled=True, start=False)
-    kwargs = ray_init_kwargs(w.config, w.verl_config, w.engines, w.n_gpus)
-    assert kwargs["num_gpus"] == 2 and kwargs["num_cpus"] >= 3 * 2 and kwargs["log_to_driver"] is False
-    assert kwargs["include_dashboard"] is False and kwargs["_system_config"] == {"worker_niceness": 0}
-    env = kwargs["runtime_env"]["env_vars"]
-    assert env["VERL_PLATFORM"] == "cpu" and env["VERL_ENGINE_DEVICE"] == "cuda"
-    assert set(env["VERL_USE_EXTERNAL_MODULES"].split(",")) == {"ragen.workers.verl_backend.cpu_platform",
-                                                                 "ragen.workers.verl_backend.hf_rollout"}
-    assert str(REPO) == env["PYTHONPATH"].split(os.pathsep)[0]  # the workers import this ragen
-    joined = ray_init_kwargs(load_config(make_small_config(tmp_path, "verl.ray.address=auto",
-                                                           config_name="archer_verl")), w.verl_config, w.engines, 2)
-    assert joined["address"] == "auto" and "num_gpus" not in joined and "num_cpus" not in joined
-
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    class Pools:
-        def __init__(self, resource_pool_spec, mapping):
-            seen["pools"] = resource_pool_spec
-
-        def create_resource_pool(self):
-            pass
-
-        def get_resource_pool(self, role):
-            return "pool"
-
-    def group(**kwargs):
-        seen["group"] = kwargs
-        raise Stop
-
-    for name in cpu_platform.ENV_VARS:  # activate() sets them; restored after the test
-        monkeypatch.setenv(name, os.environ.get(name, ""))
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: seen.setdefault("init", kw))
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 2.0, "CPU": 10.0})
-    monkeypatch.setattr(verl_ray, "ResourcePoolManager", Pools)
-    monkeypatch.setattr(verl_ray, "RayWorkerGroup", group)
-    platform = get_platform()
-    try:
-        with pytest.raises(Stop):
-            w.start()
-    finally:
-        set_platform(platform)
-    assert seen["init"]["num_gpus"] == 2 and seen["pools"] == {"global_pool": [2]}
-    assert seen["group"]["device_name"] == "cpu"  # veRL's trainer passes config.trainer.device (ray_trainer.py:868)
-    assert seen["group"]["worker_env"]["VERL_PLATFORM"] == "cpu"
-
-
 def test_defect6_strategy_follows_the_device(tmp_path):
     from ragen.workers.verl_backend.config import resolve_engines
 
@@ -587,24 +200,6 @@ def test_defect6_strategy_follows_the_device(tmp_path):
         load_config(make_small_config(tmp_path, "verl.strategy=fsdp", config_name="archer_verl"))
     with pytest.raises(ConfigError, match=r"actor_rollout_ref\.rollout\.name=vllm"):
         load_config(make_small_config(tmp_path, "actor_rollout_ref.rollout.name=vllm", config_name="archer_verl"))
-
-
-def test_gpu_token_critic_without_flash_attention_is_refused_before_ray(tmp_path, monkeypatch):
-    """veRL loads the GPU critic with FlashAttention 2 hard-coded: without flash_attn, say so before Ray starts;
-    the actor falls back to sdpa by config."""
-    import ragen.workers.verl_backend.config as verl_config
-    import ragen.workers.verl_backend.workers as verl_workers
-
-    monkeypatch.setattr(verl_config, "resolve_device", lambda device: "cuda")
-    monkeypatch.setattr(verl_config, "flash_attention_installed", lambda: False)
-    monkeypatch.setattr(verl_workers, "flash_attention_installed", lambda: False)
-    cfg = make_small_config(tmp_path, "trainer.device=auto", "trainer.n_gpus_per_node=1", config_name="archer_verl")
-    with pytest.raises(ConfigError, match=r"flash_attn .*critic\.enable=false"):
-        VerlWorkers(cfg, start=False)
-    w = VerlWorkers(make_small_config(tmp_path, "trainer.device=auto", "trainer.n_gpus_per_node=1",
-                                      "critic.enable=false", "archer.alpha=0", config_name="archer_verl"), start=False)
-    assert w.engines.device == "cuda" and w.engines.rollout == "vllm" and w.engines.strategy == "fsdp"
-    assert w.verl_config.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
 
 
 # ------------------------------------------------------------------------------------------------ device refusals
@@ -737,7 +332,14 @@ def test_patch_is_a_unified_diff_of_ray_trainer_that_applies_and_works(tmp_path)
     assert module.AdvantageEstimator("archer") is module.AdvantageEstimator.ARCHER
     assert module.RayPPOTrainer(OmegaConf.create({"algorithm": {"adv_estimator": "archer"}})).use_critic is True
 
-    vb = to_verl_batch(hand_batch(), PAD)
+    data = hand_batch()  # veRL's layout: the response region of each row (from its first generated token)
+    first = [int(m.nonzero()[0]) for m in data.batch["loss_mask"]]
+    width = max(12 - f for f in first)
+    region = lambda key: torch.stack([torch.nn.functional.pad(data.batch[key][b, f:], (0, width - (12 - f)))
+                                      for b, f in enumerate(first)])
+    vb = DataProto.from_dict(tensors={"token_level_rewards": region("token_level_rewards"), "values": region("values"),
+                                      "response_mask": region("loss_mask")},
+                             non_tensors={"uid": data.non_tensor_batch["uid"]})
     vb.meta_info.update(high_level_gamma=0.9, archer_alpha=0.1)
     out = module.compute_advantage(vb, "archer", gamma=1.0, lam=1.0)
     adv, _ = compute_archer_advantage_return(vb.batch["token_level_rewards"], vb.batch["values"],
@@ -780,3 +382,20 @@ def test_flash_attn_that_imports_is_installed(tmp_path, monkeypatch):
         assert flash_attention_installed() is True and flash_attention_installed.cache_info().hits == 1
     finally:
         flash_attention_installed.cache_clear()
+
+
+@pytest.mark.parametrize("works", [False, True])
+def test_without_a_working_flash_attn_the_critic_loads_with_sdpa_on_gpus_too(monkeypatch, works):
+    """In a GPU process (no CPU platform) the plugin swaps veRL's flash_attention_2-only value-model loader for the
+    sdpa one exactly when flash_attn does not import (detected as in the two tests above)."""
+    from verl.utils import model as verl_model
+
+    import ragen.workers.verl_backend.config as key_table
+    from ragen.verl_plugin import critic_attention_fallback
+
+    monkeypatch.delenv("VERL_PLATFORM", raising=False)
+    monkeypatch.setattr(key_table, "flash_attention_installed", lambda: works)
+    monkeypatch.setattr(verl_model, "load_valuehead_model", verl_model.load_valuehead_model)  # restored afterwards
+    before = verl_model.load_valuehead_model
+    assert critic_attention_fallback() is (not works)
+    assert (verl_model.load_valuehead_model is before) is works

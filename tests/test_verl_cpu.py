@@ -151,17 +151,14 @@ print("WORKER-OK")
 
 
 def test_workarounds_take_effect_in_a_fresh_worker_process():
-    """A process started with the workers' environment (worker_env) gets the platform, the patches and the hf
-    rollout from ``import verl`` alone; the patched process group starts with gloo."""
+    """A process started with the environment cpu_platform.activate() gives veRL's workers gets the platform, the
+    patches and the hf rollout from ``import verl`` alone; the patched process group starts with gloo."""
     import socket
-
-    from ragen.workers.verl_backend.config import VerlEngines
-    from ragen.workers.verl_backend.workers import worker_env
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = dict(os.environ, **worker_env(VerlEngines("cpu", "fsdp2", "hf", "fp32", "float32")), TEST_PORT=str(port))
+    env = dict(os.environ, **cpu_platform.ENV_VARS, TEST_PORT=str(port))
     done = subprocess.run([sys.executable, "-c", _IN_A_WORKER], env=env, cwd="/", capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "WORKER-OK" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]

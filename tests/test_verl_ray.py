@@ -1,15 +1,15 @@
-"""``trainer.backend=verl`` against veRL 0.9.1's real Ray workers on a CPU (``tiny-random``, the CPU platform,
-fsdp2, gloo, the ``hf`` rollout): the CPU scenarios of docs/scaling.md.
+"""``trainer.backend=verl``: veRL 0.9.1's own trainer with the ArCHer plugin, on its real Ray workers on a CPU
+(``tiny-random``, the CPU platform, fsdp2, gloo, the ``hf`` rollout): the CPU scenarios of docs/scaling.md.
 
-a. ``python train.py --config-name archer_verl trainer.device=cpu trainer.n_gpus_per_node=2 ...``, which runs veRL's
-   own trainer with the plugin: 2 steps with the utterance and the token critic, validation, checkpoints; the same
-   command resumes and repeats step 2 exactly; e. LoRA on that path;
-b. backend parity: LocalWorkers and VerlWorkers (dp = 2, fp32) from the same weights agree on generation, log-probs,
-   entropies, reference log-probs (a separate reference) and values, on one critic and one actor update, and after;
-d. LoRA with the reference in the actor (adapter off), weight sync of the merged adapter, checkpoints.
-(c, the archer_verl defaults on 1/2/4/8 GPUs, runs without Ray in tests/test_verl_backend.py.)
+a. ``python train.py --config-name archer_verl trainer.device=cpu trainer.n_gpus_per_node=2 ...``: 2 steps with the
+   utterance and the token critic, a separate reference, validation, checkpoints; the same command after a
+   roll-back resumes and repeats step 2 exactly;
+b. backend parity: LocalWorkers and veRL's workers (driven by veRL's trainer, dp = 2, fp32) from the same weights
+   agree on log-probs, reference log-probs and values, and on one critic and one actor update;
+e. LoRA, the reference inside the actor.
+(c, the archer_verl batch plans on 1/2/4/8 GPUs, runs without Ray in tests/test_verl_plugin.py.)
 
-Each scenario starts its own Ray (own temp dir, no dashboard, auth off) and shuts it down; ~2.3 GB each.
+Each scenario runs train.py in a subprocess that starts its own Ray (own temp dir, no dashboard, auth off).
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ from conftest import make_small_config, tiny_overrides
 from verl import DataProto
 
 from ragen.config import load_config
-from ragen.workers.verl_backend import cpu_platform
 
 REPO = Path(__file__).resolve().parents[1]
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -41,22 +40,6 @@ def ray_tmp():
     path = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def ray_session(ray_tmp, monkeypatch):
-    """For in-process scenarios: VerlWorkers starts Ray with these overrides; afterwards Ray is shut down and the
-    driver's environment and veRL platform are restored."""
-    import ray
-    from verl.plugin.platform import get_platform, set_platform
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    for name in cpu_platform.ENV_VARS:  # VerlWorkers.start() sets them in this process
-        monkeypatch.setenv(name, "")
-    platform = get_platform()
-    yield [f"verl.overrides=['ray_kwargs.ray_init._temp_dir={ray_tmp}']"]
-    ray.shutdown()
-    set_platform(platform)
 
 
 # ------------------------------------------------------------------------------------------------ a. train.py

@@ -10,6 +10,7 @@
 * ``ragen_env`` in veRL's agent-loop registry (:mod:`.agent_loop`): this package's environments; the datasets
   come from ``python -m ragen.verl_plugin.dataset``;
 * the ``cpu`` platform and the ``hf`` rollout replica, so ``VERL_PLATFORM=cpu`` runs veRL's workers on a CPU;
+* where ``flash_attn`` does not import (not installed, or built for another torch), veRL's critic loader with sdpa;
 * the checks of :mod:`.checks`, run by ``main_ppo`` before Ray starts.
 
 veRL logs a plugin that fails to load at debug level only (verl/__init__.py:74-76): a failure here is logged as
@@ -25,6 +26,19 @@ logger = logging.getLogger(__name__)
 PLUGIN = "ragen_archer"
 
 
+def critic_attention_fallback() -> bool:
+    """veRL loads the critic with flash_attention_2 hard-coded (verl/utils/model.py:641-649): where flash_attn does
+    not import (a real import in a child process), load it with the model config's attention (sdpa), as the CPU
+    platform does.  Returns whether the loader was swapped."""
+    from ragen.workers.verl_backend import cpu_platform
+    from ragen.workers.verl_backend.config import flash_attention_installed
+
+    if cpu_platform.is_active() or flash_attention_installed():
+        return False  # the CPU platform swaps it itself; a working flash_attn keeps veRL's loader
+    cpu_platform.sdpa_value_model()
+    return True
+
+
 def _load() -> None:
     if os.environ.get("VERL_PLATFORM", "").strip().lower() == "cpu":
         # veRL registers its FSDP engines for cuda/npu only: the CPU platform asks for them under cuda
@@ -33,6 +47,7 @@ def _load() -> None:
     from ragen.workers.verl_backend import cpu_platform, hf_rollout  # noqa: F401  (register on import)
 
     register_with_verl()
+    critic_attention_fallback()
     from ragen.verl_plugin import agent_loop, checks, trainer  # noqa: F401  (register on import)
 
     checks.install()

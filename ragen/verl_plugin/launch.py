@@ -113,6 +113,10 @@ def run(config: Any) -> DictConfig:
         from ragen.workers.verl_backend import cpu_platform
 
         cpu_platform.activate()  # this process and the Ray workers it starts run veRL on the CPU platform
+        # Ray gives each worker one thread unless told: share the machine's cores among the worker processes
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n_workers = cfg.trainer.n_gpus_per_node * cfg.trainer.nnodes
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // n_workers)))
     os.environ.setdefault("VERL_FILE_LOGGER_PATH", os.path.join(out, "metrics.jsonl"))
     from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
     from verl.trainer.ppo.utils import need_critic

@@ -1,7 +1,10 @@
-"""Worker backends behind one protocol (see ``protocol.py``): ``local`` (in-process) and ``verl`` (Ray)."""
+"""The workers of ``train.py``'s own trainer behind one protocol (``protocol.py``): ``local`` (in-process).
+
+``trainer.backend=verl`` runs veRL's own trainer instead (:mod:`ragen.verl_plugin.launch`); :func:`check_backend`
+still refuses, before anything starts, an engine choice the device cannot run for either backend."""
 from __future__ import annotations
 
-from ragen.config import RunConfig, check_verl_device, resolve_device
+from ragen.config import ConfigError, RunConfig, check_verl_device, resolve_device
 from ragen.workers import local
 from ragen.workers.local import LocalWorkers
 from ragen.workers.protocol import Workers
@@ -27,9 +30,8 @@ def check_backend(cfg: RunConfig) -> None:
 
 
 def build_workers(cfg: RunConfig) -> Workers:
-    """The backend named by ``trainer.backend``."""
-    if cfg.trainer.backend == "local":
-        return local.LocalWorkers(cfg)
-    from ragen.workers.verl_backend import VerlWorkers
-
-    return VerlWorkers(cfg, critic_enabled=cfg.token_critic_enabled)
+    """The in-process workers of ``train.py``'s own trainer (``trainer.backend=local``)."""
+    if cfg.trainer.backend != "local":
+        raise ConfigError("trainer.backend=verl runs veRL's own trainer with the ArCHer plugin, not AgentTrainer: "
+                          "start it with `python train.py ... trainer.backend=verl` (ragen.verl_plugin.launch.run)")
+    return local.LocalWorkers(cfg)

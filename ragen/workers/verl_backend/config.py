@@ -21,7 +21,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ragen.config import ConfigError, RunConfig, check_verl_device, load_config, resolve_device
-from ragen.workers.verl_backend.layout import plan_update_rows
 
 __all__ = ["SHARED_KEYS", "RENAMED_KEYS", "VerlEngines", "resolve_engines", "verl_default_config",
            "build_verl_config", "check_verl_config"]
@@ -195,14 +194,6 @@ def _ours(cfg: RunConfig, key: str) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def planned_rows_per_step(cfg: RunConfig) -> int:
-    """Rows one training step hands veRL: the rollout rows padded to the actor's update plan."""
-    n_gpus = cfg.trainer.n_gpus_per_node * cfg.trainer.nnodes
-    actor = cfg.actor_rollout_ref.actor
-    micro = 1 if cfg.verl.actor.use_dynamic_bsz else actor.ppo_micro_batch_size_per_gpu
-    return plan_update_rows(cfg.train_rows, actor.ppo_mini_batch_size, n_gpus, micro)[1]
-
-
 def _derived(cfg: RunConfig, engines: VerlEngines, critic_enabled: bool, resolve_paths: bool) -> dict[str, Any]:
     """veRL keys whose value is computed from several of ours or from the machine."""
     actor_path, critic_path = cfg.actor_rollout_ref.model.path, cfg.critic.model.path
@@ -223,12 +214,8 @@ def _derived(cfg: RunConfig, engines: VerlEngines, critic_enabled: bool, resolve
         "actor_rollout_ref.rollout.name": engines.rollout,
         "actor_rollout_ref.rollout.mode": "async",
         "actor_rollout_ref.rollout.dtype": engines.rollout_dtype,
-        "actor_rollout_ref.rollout.n": 1,
-        "actor_rollout_ref.rollout.calculate_log_probs": False,
-        "data.train_batch_size": planned_rows_per_step(cfg),
+        "actor_rollout_ref.rollout.calculate_log_probs": False,  # the hf replica returns none
         "trainer.device": engines.device,
-        "trainer.logger": ["console"],
-        "trainer.resume_mode": "disable",  # our trainer resumes (AgentTrainer.fit)
     })
     if engines.cpu or not flash_attention_installed():
         # FlashAttention 2 (veRL's default, verl/workers/config/model.py:185) needs CUDA and the flash_attn package

@@ -8,7 +8,7 @@ variables in the Ray job's environment, so that each worker imports this module 
 cuda/npu only (``verl/workers/engine/base.py:405``, ``verl/workers/engine/fsdp/transformer_impl.py:1143,1594``)
 while every tensor stays on the CPU.  The platform reports Ray's ``GPU`` resource, so veRL's resource pools,
 which always ask for GPUs (``verl/single_controller/ray/base.py:208-212``), schedule on the logical GPUs
-``VerlWorkers`` declares when it starts Ray.
+``ray_kwargs.ray_init.num_gpus`` declares (ragen/verl_plugin/launch.py).
 
 :func:`apply_workarounds` patches three places of veRL 0.9.1 that cannot run on a CPU whatever the platform
 says; it runs only in a process whose platform is this one.  Each names the veRL file:line it works around, and
@@ -204,10 +204,11 @@ def _gloo_process_group() -> None:
         distributed.initialize_global_process_group_ray, backend="gloo")
 
 
-def _sdpa_value_model() -> None:
+def sdpa_value_model() -> None:
     """veRL loads the critic's value model with ``attn_implementation="flash_attention_2"`` hard-coded
     (``verl/utils/model.py:641-649``, ignoring ``override_config.attn_implementation``); FlashAttention 2 needs
-    CUDA.  Load it the same way with the attention the model config asks for (sdpa)."""
+    CUDA and the flash_attn package.  Load it the same way with the attention the model config asks for (sdpa).
+    Also applied on GPUs where flash_attn does not import (the veRL plugin, ragen/verl_plugin/__init__.py)."""
     from verl.utils import model as verl_model
 
     def load_value_model(local_path, torch_dtype, model_config, trust_remote_code):
@@ -233,7 +234,7 @@ def _no_offload_for_frozen_models() -> None:
 
 WORKAROUNDS = {
     "gloo_process_group": _gloo_process_group,
-    "sdpa_value_model": _sdpa_value_model,
+    "sdpa_value_model": sdpa_value_model,
     "no_offload_for_frozen_models": _no_offload_for_frozen_models,
 }
 
