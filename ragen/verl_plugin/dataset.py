@@ -100,10 +100,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-name", default="base", help="a config/*.yaml name (default: base)")
+    parser.add_argument("--config-path", default=str(CONFIG_DIR),
+                        help="the folder of the Hydra configs (default: this checkout's config/)")
     parser.add_argument("--out", required=True, help="directory for train.parquet and val.parquet")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
     args = parser.parse_args(argv)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+    if not Path(args.config_path, f"{args.config_name}.yaml").is_file():
+        parser.error(f"no {args.config_name}.yaml in --config-path {args.config_path} (a wheel install carries no "
+                     "config/: pass the repository's config folder)")
+    with initialize_config_dir(config_dir=str(Path(args.config_path).resolve()), version_base=None):
         config = compose(config_name=args.config_name, overrides=args.overrides)
     keys = write_dataset(config, args.out)
     print(f"wrote {keys['data.train_files']} and {keys['data.val_files']}; veRL keys for this dataset:")
