@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import make_small_config, tiny_overrides
 
-import ragen.trainer.agent_trainer as agent_trainer
-from ragen.trainer.agent_trainer import LATEST_FILE, MANIFEST_FILE, AgentTrainer, write_file_atomically
+import ragen.trainer.checkpoints as checkpoints
+from ragen.trainer.agent_trainer import AgentTrainer
+from ragen.trainer.checkpoints import LATEST_FILE, MANIFEST_FILE, write_file_atomically
 from ragen.trainer.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def test_write_file_atomically_keeps_the_old_content_when_the_write_fails(tmp_pa
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(agent_trainer.os, "fsync", disk_full)
+    monkeypatch.setattr(checkpoints.os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space"):
         write_file_atomically(str(path), "4")
     assert path.read_text() == "3"
@@ -89,7 +90,7 @@ def test_a_truncated_file_falls_back_to_the_previous_checkpoint(run, caplog):
     state = out / "global_step_2" / "trainer_state.pt"
     with open(state, "r+b") as fh:
         fh.truncate(state.stat().st_size // 2)
-    with caplog.at_level(logging.WARNING, logger=agent_trainer.__name__):
+    with caplog.at_level(logging.WARNING, logger=checkpoints.__name__):
         assert trainer.latest_checkpoint() == str(out / "global_step_1")
     assert str(state) in caplog.text and "global_step_1" in caplog.text
 
@@ -107,7 +108,7 @@ def test_an_incomplete_checkpoint_falls_back(run, caplog, damage):
     else:
         victim = newest
         shutil.rmtree(newest)
-    with caplog.at_level(logging.WARNING, logger=agent_trainer.__name__):
+    with caplog.at_level(logging.WARNING, logger=checkpoints.__name__):
         assert trainer.latest_checkpoint() == str(out / "global_step_1")
     assert str(victim) in caplog.text
 
@@ -120,7 +121,7 @@ def test_a_garbled_or_missing_marker_picks_the_newest_complete_checkpoint(run, c
         (out / LATEST_FILE).unlink()
     else:
         (out / LATEST_FILE).write_text(marker)
-    with caplog.at_level(logging.WARNING, logger=agent_trainer.__name__):
+    with caplog.at_level(logging.WARNING, logger=checkpoints.__name__):
         assert trainer.latest_checkpoint() == str(out / "global_step_2")
     assert LATEST_FILE in caplog.text
 

@@ -289,10 +289,9 @@ def write_dataset(out: Path) -> dict[str, str]:
     return {"train": str(out / "train.parquet"), "val": str(out / "val.parquet")}
 
 
-def main_ppo(tmp_path: Path, data: dict[str, str], ckpt: Path, name: str, *overrides: str):
+def main_ppo_command(data: dict[str, str], ckpt: Path, log: Path, *overrides: str) -> tuple[list[str], dict]:
     from ragen.models import resolve_model_path
 
-    log = tmp_path / f"{name}.jsonl"
     cmd = [sys.executable, "-m", "verl.trainer.main_ppo", f"--config-path={CPU_CONFIG}", "--config-name=archer_cpu",
            f"data.train_files={data['train']}", f"data.val_files={data['val']}",
            f"actor_rollout_ref.model.path={resolve_model_path('tiny-random')}", f"trainer.default_local_dir={ckpt}",
@@ -300,7 +299,12 @@ def main_ppo(tmp_path: Path, data: dict[str, str], ckpt: Path, name: str, *overr
            "+algorithm.archer.critic.updates=2", "+algorithm.archer.critic.batch_size=8",
            "+algorithm.archer.critic.hidden_size=32", "algorithm.archer.critic.policy_samples=4",
            "trainer.logger=[console,file]", *overrides]
-    env = {**os.environ, "VERL_PLATFORM": "cpu", "OMP_NUM_THREADS": "2", "VERL_FILE_LOGGER_PATH": str(log)}
+    return cmd, {**os.environ, "VERL_PLATFORM": "cpu", "OMP_NUM_THREADS": "2", "VERL_FILE_LOGGER_PATH": str(log)}
+
+
+def main_ppo(tmp_path: Path, data: dict[str, str], ckpt: Path, name: str, *overrides: str):
+    log = tmp_path / f"{name}.jsonl"
+    cmd, env = main_ppo_command(data, ckpt, log, *overrides)
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=REPO_ROOT, env=env)
     assert done.returncode == 0, (done.stdout[-4000:], done.stderr[-6000:])
@@ -475,3 +479,36 @@ def test_the_run_config_reaches_veRLs_config_once():
     assert vcfg.ray_kwargs.ray_init.num_gpus == 2 and vcfg.ray_kwargs.ray_init.num_cpus >= 10
     assert vcfg.actor_rollout_ref.rollout.name == "hf" and vcfg.actor_rollout_ref.actor.strategy == "fsdp2"
     check_config(vcfg)  # the plugin's own checks accept what the launcher builds
+
+
+@pytest.mark.slow
+def test_main_ppo_killed_mid_step_resumes_from_the_last_complete_checkpoint(tmp_path):
+    """SIGKILL to the whole run (driver, Ray, workers) during step 3, after step 2's checkpoint; the same command
+    then resumes from global_step_2 (its manifest matches its files) and finishes step 3."""
+    import signal
+
+    from ragen.trainer.checkpoints import MANIFEST_FILE, checkpoint_problem
+
+    data = write_dataset(tmp_path / "data")
+    ckpt = tmp_path / "ckpt"
+    cmd, env = main_ppo_command(data, ckpt, tmp_path / "killed.jsonl", "trainer.total_training_steps=3",
+                                "trainer.test_freq=-1")
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 400
+    try:
+        while not (ckpt / "global_step_2" / MANIFEST_FILE).exists():
+            assert proc.poll() is None, f"main_ppo ended (rc {proc.returncode}) before step 2's checkpoint"
+            assert time.monotonic() < deadline, "no step-2 checkpoint within 400 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver's session: Ray's processes and veRL's workers with it
+        proc.wait(timeout=60)
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)  # anything that left the session
+    assert not (ckpt / "global_step_3").exists() or checkpoint_problem(str(ckpt / "global_step_3")) is not None
+    assert checkpoint_problem(str(ckpt / "global_step_2")) is None
+
+    resumed, done, _ = main_ppo(tmp_path, data, ckpt, "resumed", "trainer.total_training_steps=3",
+                                "trainer.test_freq=-1")
+    assert "Resuming from" in done.stdout + done.stderr and "global_step_2" in done.stdout + done.stderr
+    assert sorted(resumed) == [3] and resumed[3]["utterance_critic/buffer_size"] == 24

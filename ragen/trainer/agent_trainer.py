@@ -39,6 +39,7 @@ from ragen.llm_agent.agent_proxy import AgentProxy, build_batch
 from ragen.llm_agent.ctx_manager import Dialogue
 from ragen.models import load_tokenizer
 from ragen.trainer.archer_critic import ArcherCritic, table_metrics
+from ragen.trainer.checkpoints import LATEST_FILE, resume_checkpoint, write_file_atomically, write_manifest
 from ragen.trainer.core_algos import segment_turns
 from ragen.trainer.estimators import check_estimator, register_with_verl, run_estimator
 from ragen.trainer.text_encoders import check_backbone
@@ -47,32 +48,6 @@ from ragen.workers import build_workers, check_backend
 
 logger = logging.getLogger(__name__)
 
-LATEST_FILE = "latest_checkpointed_iteration.txt"
-MANIFEST_FILE = "manifest.json"  # in each checkpoint: relative path -> size in bytes of every other file
-
-
-def write_file_atomically(path: str, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, flush and fsync it, then rename it over ``path``
-    (and fsync the directory): a reader sees the old content or the new one, never a truncated file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # the rename itself is durable once the directory is synced (not possible on every platform)
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def check_registered(cfg: RunConfig) -> None:
@@ -354,79 +329,15 @@ class AgentTrainer:
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
         }
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-        sizes = {}
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                path = os.path.join(root, name)
-                with open(path, "rb") as fh:
-                    os.fsync(fh.fileno())
-                sizes[os.path.relpath(path, tmp).replace(os.sep, "/")] = os.path.getsize(path)
-        write_file_atomically(os.path.join(tmp, MANIFEST_FILE), json.dumps(dict(sorted(sizes.items())), indent=1))
+        write_manifest(tmp)
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
         write_file_atomically(os.path.join(self.out_dir, LATEST_FILE), str(self.global_step))
         return directory
 
     def latest_checkpoint(self) -> str | None:
-        """The checkpoint to resume from: the one ``latest_checkpointed_iteration.txt`` names when its files match
-        its manifest; otherwise (marker missing, empty or garbled, checkpoint gone or incomplete) the newest
-        complete ``global_step_N``, with a warning.  None when there is no checkpoint; an error naming the wrong
-        file when checkpoints exist but none is complete."""
-
-        def problem(directory: str) -> str | None:  # None: every file of the manifest is there, of its size
-            manifest = os.path.join(directory, MANIFEST_FILE)
-            if not os.path.isdir(directory):
-                return f"{directory} does not exist"
-            try:
-                with open(manifest, encoding="utf-8") as fh:
-                    sizes = json.load(fh)
-                if not isinstance(sizes, dict) or not sizes:
-                    raise ValueError("not a table of file sizes")
-            except FileNotFoundError:
-                return f"{manifest} is missing"
-            except (OSError, ValueError) as exc:
-                return f"{manifest} is unreadable ({exc})"
-            for rel, size in sorted(sizes.items()):
-                path = os.path.join(directory, rel)
-                if not os.path.isfile(path):
-                    return f"{path} is missing"
-                if os.path.getsize(path) != size:
-                    return f"{path} has {os.path.getsize(path)} bytes, its manifest says {size}"
-            return None
-
-        names = os.listdir(self.out_dir) if os.path.isdir(self.out_dir) else []
-        steps = sorted((int(name.removeprefix("global_step_")) for name in names  # not the .tmp ones
-                        if name.startswith("global_step_") and name.removeprefix("global_step_").isdigit()
-                        and os.path.isdir(os.path.join(self.out_dir, name))), reverse=True)
-        marker = os.path.join(self.out_dir, LATEST_FILE)
-        if os.path.exists(marker):
-            with open(marker, encoding="utf-8", errors="replace") as fh:
-                text = fh.read().strip()
-            if text.isdigit():
-                named = self.checkpoint_dir(int(text))
-                why = problem(named)
-                if why is None:
-                    return named
-                reason = f"the checkpoint {named} that {marker} names is incomplete: {why}"
-            else:
-                reason = f"{marker} is garbled ({text[:40]!r})"
-        elif steps:
-            reason = f"{marker} is missing"
-        else:
-            return None
-        problems = []
-        for step in steps:
-            directory = self.checkpoint_dir(step)
-            why = problem(directory)
-            if why is None:
-                logger.warning("%s; resuming from the newest complete checkpoint, %s", reason, directory)
-                return directory
-            problems.append(why)
-        if not steps:
-            logger.warning("%s and no global_step_N checkpoint exists: starting from step 0", reason)
-            return None
-        raise RuntimeError(f"no complete checkpoint in {self.out_dir}: {reason}; " + "; ".join(problems)
-                           + " (delete the broken checkpoints to start from step 0)")
+        """The checkpoint to resume from (:func:`ragen.trainer.checkpoints.resume_checkpoint`)."""
+        return resume_checkpoint(self.out_dir)
 
     def load_checkpoint(self, directory: str) -> None:
         self.workers.load_checkpoint(os.path.join(directory, "workers"))

@@ -14,7 +14,9 @@ Each step, veRL samples the dialogues (its agent loop, its rollout servers), the
    the registered ``archer`` estimator; then advantages are whitened over the response tokens
    (``algorithm.whiten_advantages``, as ``train.py``'s trainer does);
 3. checkpoints: the critic with its replay buffer is written into ``global_step_N/archer_critic.pt`` before veRL
-   writes its tracker file, and ``trainer.resume_mode=auto`` / ``resume_path`` load it back.
+   writes its tracker file, then the folder's manifest and the tracker again, atomically
+   (:mod:`ragen.trainer.checkpoints`); ``trainer.resume_mode=auto`` resumes from the newest complete checkpoint
+   (never a truncated one) and ``resume_path`` from the one named; both load the critic back.
 
 veRL's trainer treats any ``trainer_mode`` but ``sync`` as asynchronous (trainer_base.py:153, 731, 902, 1004,
 1499): this trainer runs under the name ``archer`` and keeps ``self.trainer_mode = "sync"``.
@@ -40,6 +42,7 @@ from verl.workers.utils.padding import response_to_nested
 
 from ragen.llm_agent.ctx_manager import ContextManager
 from ragen.trainer.archer_critic import ArcherCritic, table_metrics
+from ragen.trainer.checkpoints import LATEST_FILE, resume_checkpoint, write_file_atomically, write_manifest
 from ragen.trainer.estimators import critic_inputs
 from ragen.trainer.text_encoders import build_text_encoder
 from ragen.utils import mix_seed
@@ -240,19 +243,33 @@ class ArcherTrainer(PPOTrainerSync):
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self):
+        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
         if self.utterance_critic is not None:  # before veRL writes its tracker file, which points at this folder
-            folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, CRITIC_FILE)
             torch.save(self.utterance_critic.state_dict(), path + ".tmp")
             os.replace(path + ".tmp", path)
         super()._save_checkpoint()
+        if self.config.actor_rollout_ref.actor.get("checkpoint", {}).get("async_save", False):
+            return  # veRL writes no tracker either: the files are still being written
+        # the folder's manifest (every file's size, after an fsync), then the tracker again, atomically: veRL writes
+        # it in place (trainer_base.py:1018-1021), and a crash between the two leaves a folder without a manifest,
+        # which a resume skips for the previous complete one
+        write_manifest(folder)
+        write_file_atomically(os.path.join(self.config.trainer.default_local_dir, LATEST_FILE), str(self.global_steps))
 
     def _load_checkpoint(self):
+        trainer = self.config.trainer
+        if trainer.resume_mode == "auto":
+            # never resume from a checkpoint whose files do not match its manifest (a crash mid-save, a truncated
+            # file): point veRL's tracker at the newest complete one, with a warning, or stop naming the files
+            root = os.path.abspath(trainer.default_local_dir)
+            chosen = resume_checkpoint(root)
+            if chosen is not None:
+                write_file_atomically(os.path.join(root, LATEST_FILE), chosen.rsplit("global_step_", 1)[1])
         super()._load_checkpoint()
         if self.global_steps == 0 or self.utterance_critic is None:
             return
-        trainer = self.config.trainer
         if trainer.resume_mode == "resume_path":
             folder = trainer.resume_from_path
         else:
