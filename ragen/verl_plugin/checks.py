@@ -6,9 +6,9 @@ imports the name after ``import verl`` has loaded this plugin), so the ArCHer ke
 
 * ``trainer.v1.trainer_mode=archer`` runs only ``algorithm.adv_estimator=archer``, and ``archer`` /
   ``bi_level_gae`` run only under the plugin's trainer (veRL's ``compute_advantage`` passes no critic values);
-* ``algorithm.archer`` (the :class:`ragen.config.ArcherConfig` section: ``alpha``, ``critic.*``, ``replay.*``) and
-  ``algorithm.high_level_gamma`` are checked against ``ragen.config``'s schema, and the keys a user left out are
-  filled in from it (the schema holds the one default of each key);
+* ``algorithm.archer`` (the :class:`ragen.config.ArcherConfig` section: ``alpha``, ``critic.*``, ``replay.*``),
+  ``algorithm.high_level_gamma`` and ``algorithm.whiten_advantages`` are checked against ``ragen.config``'s
+  schema, and the keys a user left out are filled in from it (the schema holds the one default of each key);
 * the token critic (``critic.enable``) is on when ``alpha > 0`` or ``algorithm.archer.critic.type=token``;
 * what only ``train.py`` supports is refused with the alternative named.
 
@@ -76,9 +76,13 @@ def check_config(config: DictConfig) -> None:
     if token_critic and config.critic.get("enable", None) is not True:
         raise ConfigError(f"algorithm.archer.alpha={section.alpha} with algorithm.archer.critic.type="
                           f"{section.critic.type} mixes in the token critic's values: set critic.enable=true")
+    whiten = config.algorithm.get("whiten_advantages", AlgorithmConfig().whiten_advantages)  # the schema's default
+    if not isinstance(whiten, bool):
+        raise ConfigError(f"algorithm.whiten_advantages must be true or false; got {whiten!r}")
     with open_dict(config.algorithm):
         config.algorithm.archer = dataclasses.asdict(section)
         config.algorithm.high_level_gamma = high_level_gamma
+        config.algorithm.whiten_advantages = whiten
 
 
 def install() -> None:

@@ -87,7 +87,7 @@ class ArcherTrainer(PPOTrainerSync):
         check_config(config)  # main_ppo ran it before Ray; a trainer built directly checks here
         super().__init__(config)
         self.archer, self.high_level_gamma = archer_settings(config)
-        self.whiten = bool(config.algorithm.get("whiten_advantages", True))
+        self.whiten = bool(config.algorithm.whiten_advantages)  # filled from ragen's schema by check_config
         self.utterance_critic: ArcherCritic | None = None
         if self.archer.critic.type == "utterance":
             settings = self.archer.critic
