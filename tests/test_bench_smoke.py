@@ -128,6 +128,7 @@ def test_env_groups_override_carries_n_groups():
     assert list(cfg.es_manager.train.env_configs.n_groups) == [cfg.es_manager.train.env_groups] == [8]
 
 
+@pytest.mark.slow
 def test_iteration_bench_runs_two_settings(tmp_path):
     """bench/iteration.py end to end on tiny-random: two settings of this tree, every phase in the table."""
     import subprocess
@@ -197,6 +198,7 @@ def test_iteration_bench_counts_model_flops_by_hand():
     assert model_flops(result, "rollout", {"generated": 4, "engine_prefilled_tokens": 6}) == 2 * (1000 + 40)
 
 
+@pytest.mark.slow
 def test_warmup_actions_bench_runs(tmp_path):
     """bench/warmup_actions.py end to end on tiny-random: one seed, one rollout, its table row."""
     import subprocess
@@ -240,6 +242,7 @@ def test_attention_bench_runs(capsys):
         main(["--chunk", "0"])
 
 
+@pytest.mark.slow
 def test_rollout_engines_bench_runs_a_frozenlake_rollout(tmp_path):
     """bench/rollout_engines.py's rollout section on tiny-random (it had gone stale against LocalWorkers once)."""
     import subprocess

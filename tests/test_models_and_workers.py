@@ -90,6 +90,7 @@ def test_missing_embedded_gguf_says_how_to_install(monkeypatch):
         models.find_embedded_gguf()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["tiny-random", "gguf"])
 def test_tokenizer_decodes_without_the_clean_up_tokenization_spaces_warning(source, tmp_path, caplog):
     # transformers logs it (logging, not warnings) once per process via an lru_cache'd Logger.warning_once,

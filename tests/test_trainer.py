@@ -251,6 +251,7 @@ def _run_train(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.Com
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_train_py_end_to_end(tmp_path, tiny_cli):
     out = tmp_path / "run"
     args = tiny_cli(out) + ["algorithm.adv_estimator=grpo", "trainer.total_training_steps=1", "trainer.test_freq=1",
@@ -268,6 +269,7 @@ def test_train_py_end_to_end(tmp_path, tiny_cli):
     assert (out / LATEST_FILE).read_text().strip() == "1" and (out / "global_step_1" / "workers").is_dir()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["frozenlake", "bandit"])
 def test_run_archer_example_end_to_end(tmp_path, task):
     """The demo script: the main job's config (multi-turn FrozenLake) or the Bandit, shrunk to the tiny model;
@@ -290,6 +292,7 @@ def test_run_archer_example_end_to_end(tmp_path, task):
     assert f"val/env/{tag}/success_rate" in rows[-1]
 
 
+@pytest.mark.slow
 def test_train_py_config_error(tmp_path):
     proc = _run_train(["algorithm.adv_estimator=nonsense", f"hydra.run.dir={tmp_path / 'hydra'}",
                        "hydra.output_subdir=null"], cwd=tmp_path, timeout=120)

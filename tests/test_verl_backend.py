@@ -58,6 +58,7 @@ def hand_batch() -> DataProto:
 
 
 # ------------------------------------------------------------------------------------------------ configs
+@pytest.mark.slow
 def test_archer_verl_composes_validates_and_passes_verls_checks():
     cfg = compose_config("archer_verl")
     assert cfg.trainer.backend == "verl" and cfg.algorithm.adv_estimator == "archer"
@@ -228,6 +229,7 @@ def test_agent_trainer_refuses_what_this_machine_cannot_run_before_loading_a_mod
 
 
 # ------------------------------------------------------------------------------------------------ top-level verl/
+@pytest.mark.slow
 def test_import_verl_from_repo_root_is_the_installed_one():
     out = subprocess.run([sys.executable, "-c", "import verl, os; print(verl.__file__)"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)

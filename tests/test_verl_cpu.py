@@ -150,6 +150,7 @@ print("WORKER-OK")
 """
 
 
+@pytest.mark.slow
 def test_workarounds_take_effect_in_a_fresh_worker_process():
     """A process started with the environment cpu_platform.activate() gives veRL's workers gets the platform, the
     patches and the hf rollout from ``import verl`` alone; the patched process group starts with gloo."""

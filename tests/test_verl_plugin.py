@@ -50,6 +50,7 @@ REGISTRIES = ("from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY;"
               "print('archer' in TRAINER_REGISTRY, 'archer' in ADV_ESTIMATOR_REGISTRY, 'ragen_env' in A)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env", [{}, {"VERL_USE_EXTERNAL_PLUGINS": "none",
                                        "VERL_USE_EXTERNAL_MODULES": "ragen.verl_plugin"}],
                          ids=["entry_point", "external_modules"])
@@ -59,11 +60,13 @@ def test_a_bare_import_verl_registers_the_trainer_estimator_and_agent_loop(env):
     assert done.stdout.strip().splitlines()[-1] == "True True True"
 
 
+@pytest.mark.slow
 def test_without_the_plugin_nothing_is_registered():
     done = run_python("import verl;" + REGISTRIES, {"VERL_USE_EXTERNAL_PLUGINS": "none"})
     assert done.stdout.strip().splitlines()[-1] == "False False False"
 
 
+@pytest.mark.slow
 def test_main_ppo_runs_the_plugins_checks():
     """The check runs where main_ppo validates (main_ppo.py:177): if veRL stops importing validate_config from
     verl.utils.config, this fails and the wrapper in ragen/verl_plugin/checks.py must move."""
@@ -71,6 +74,7 @@ def test_main_ppo_runs_the_plugins_checks():
     assert done.stdout.strip().splitlines()[-1] == "True", done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_plugin_that_fails_to_load_says_so():
     """veRL logs a failing plugin at debug level only (verl/__init__.py:74-76): ours logs an error naming itself."""
     done = run_python("import sys; sys.modules['ragen.verl_plugin.trainer'] = None; import verl")
@@ -113,6 +117,7 @@ def test_bi_level_gae_and_veRLs_own_estimators_under_veRLs_trainer():
     assert OmegaConf.to_container(cfg.algorithm) == before
 
 
+@pytest.mark.slow
 def test_main_ppo_refuses_before_ray_starts(tmp_path):
     cmd = [sys.executable, "-m", "verl.trainer.main_ppo", f"--config-path={CPU_CONFIG}", "--config-name=archer_cpu",
            "algorithm.archer.alpha=1.5", f"trainer.default_local_dir={tmp_path}"]

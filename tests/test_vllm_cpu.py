@@ -217,6 +217,7 @@ def _hf_greedy(workers, prompts, max_new: int) -> list[list[int]]:
     return engine.generate(prompts, Sampling(max_new_tokens=max_new, eos_ids=[workers.eos_token_id], **GREEDY))
 
 
+@pytest.mark.slow
 def test_real_server_matches_the_hf_engine_and_follows_weight_updates(vllm_workers):
     """Greedy replies equal the in-process engine's on the same fp32 weights, before and after the actor's
     weights change (pushed to the server at the next rollout, prefix cache dropped)."""
@@ -250,6 +251,7 @@ def test_real_server_seeded_sampling_is_reproducible_per_row(vllm_workers):
     assert other != first
 
 
+@pytest.mark.slow
 def test_train_py_runs_with_the_vllm_rollout(tiny_vllm_model, tiny_cli, repo_root, tmp_path):
     """The user-facing path: ``python train.py`` with rollout.name=vllm, one ArCHer step and a validation; with
     LoRA, so the pushed weights are the merged copy (the fixture above covers full fine-tuning)."""
