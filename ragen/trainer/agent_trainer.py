@@ -41,13 +41,12 @@ from ragen.models import load_tokenizer
 from ragen.trainer.archer_critic import ArcherCritic, table_metrics
 from ragen.trainer.checkpoints import LATEST_FILE, resume_checkpoint, write_file_atomically, write_manifest
 from ragen.trainer.core_algos import segment_turns
-from ragen.trainer.estimators import check_estimator, register_with_verl, run_estimator
+from ragen.trainer.estimators import check_estimator, run_estimator
 from ragen.trainer.text_encoders import check_backbone
 from ragen.trainer.tracking import Tracker
 from ragen.workers import build_workers, check_backend
 
 logger = logging.getLogger(__name__)
-
 
 
 def check_registered(cfg: RunConfig) -> None:
@@ -68,9 +67,8 @@ class AgentTrainer:
 
     def __init__(self, config: Any, workers: Any = None, console: Callable[[str], None] | None = None):
         self.config = cfg = load_config(config)  # every config error, before any model is loaded
-        check_registered(cfg)
+        check_registered(cfg)  # registers archer / bi_level_gae with veRL before looking the estimator up
         check_backend(cfg)
-        register_with_verl()
         self.estimator = cfg.algorithm.adv_estimator
         self.critic_enabled = cfg.token_critic_enabled
         self.console = console or tqdm.write
