@@ -1,7 +1,7 @@
 """How many critic-only iterations does the utterance critic need before its advantages beat chance?
 
     python bench/critic_warmup.py                         # the main job's config, 8 critic-only iterations
-    python bench/critic_warmup.py --iterations 10 --set archer.critic.updates=50
+    python bench/critic_warmup.py --iterations 10 --set archer.utterance_critic.updates=50
 
 Runs the training loop of ``config/<--config>.yaml`` with the actor frozen (``archer.warmup_iters`` = all of
 them) and, at every iteration, scores the critic on the NEW rollout before it sees it: for every turn of the

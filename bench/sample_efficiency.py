@@ -12,14 +12,14 @@
 Every run trains through the project's own trainer (``ragen.trainer.agent_trainer.AgentTrainer`` on a
 Hydra-composed ``config/base.yaml`` + the overrides below: agent proxy, loss masks, estimators, workers),
 with the SAME rollout budget and settings for every estimator; only ``algorithm.adv_estimator`` (and, for
-ArCHer, ``archer.critic.type``) differ.  Estimators:
+ArCHer, ``archer.value_model``) differ.  Estimators:
 
-* ``archer_utterance`` - archer, utterance-level double Q/V critic (``archer.critic.type=utterance``), V targets
-  from the current policy (the default ``archer.critic.v_target=policy``)
-* ``archer_logged``    - the same with ``archer.critic.v_target=logged`` (SARSA on the replay mixture)
+* ``archer_utterance`` - archer, utterance-level double Q/V critic (``archer.value_model=utterance``), V targets
+  from the current policy (the default ``archer.utterance_critic.v_target=policy``)
+* ``archer_logged``    - the same with ``archer.utterance_critic.v_target=logged`` (SARSA on the replay mixture)
 * ``archer_paper``     - the authors' choices of ``config/archer_paper.yaml`` (its algorithm / archer / critic /
   actor keys; the learning rate stays the small policy's)
-* ``archer_token``     - archer, Q/V from the token critic (``archer.critic.type=token``)
+* ``archer_token``     - archer, Q/V from the token critic (``archer.value_model=token``)
 * ``gae``, ``grpo``, ``bi_level_gae``
 
 The policy is the small from-scratch Llama of ``bench/small_policy.py`` (word-level tokenizer, ChatML
@@ -75,11 +75,11 @@ def preset_overrides(name: str,
 
 
 ESTIMATORS: dict[str, list[str]] = {
-    "archer_utterance": ["algorithm.adv_estimator=archer", "archer.critic.type=utterance"],
-    "archer_logged": ["algorithm.adv_estimator=archer", "archer.critic.type=utterance",
-                      "archer.critic.v_target=logged"],
+    "archer_utterance": ["algorithm.adv_estimator=archer", "archer.value_model=utterance"],
+    "archer_logged": ["algorithm.adv_estimator=archer", "archer.value_model=utterance",
+                      "archer.utterance_critic.v_target=logged"],
     "archer_paper": ["algorithm.adv_estimator=archer"] + preset_overrides("archer_paper"),
-    "archer_token": ["algorithm.adv_estimator=archer", "archer.critic.type=token"],
+    "archer_token": ["algorithm.adv_estimator=archer", "archer.value_model=token"],
     "gae": ["algorithm.adv_estimator=gae"],
     "grpo": ["algorithm.adv_estimator=grpo"],
     "bi_level_gae": ["algorithm.adv_estimator=bi_level_gae"],
@@ -129,8 +129,9 @@ SHARED = [
     "critic.optim.lr=1e-3",
     "algorithm.gamma=1.0", "algorithm.lam=1.0", "algorithm.high_level_gamma=0.95",
     "archer.alpha=0.1", "archer.warmup_iters=3",
-    "archer.critic.backbone=hashing", "archer.critic.hidden_size=64", "archer.critic.lr=1e-3",
-    "archer.critic.updates=50", "archer.critic.batch_size=64", "archer.replay.capacity=10000",
+    "archer.utterance_critic.backbone=hashing", "archer.utterance_critic.hidden_size=64",
+    "archer.utterance_critic.lr=1e-3",
+    "archer.utterance_critic.updates=50", "archer.utterance_critic.batch_size=64", "archer.replay.capacity=10000",
     "trainer.device=cpu", "trainer.precision=fp32", "trainer.logger=[console]", "trainer.save_freq=0",
     "trainer.test_freq=5", "trainer.val_before_train=true", "trainer.resume_mode=disable",
     "seed.val=123",
@@ -142,7 +143,7 @@ REAL_POLICY_CONFIG = "archer"
 REAL_POLICY_SET = ["trainer.logger=[console]", "trainer.save_freq=0", "trainer.resume_mode=disable"]
 QUICK = ["es_manager.train.env_groups=2", "es_manager.train.group_size=2", "es_manager.val.env_groups=4",
          "micro_batch_size_per_gpu=4", "ppo_mini_batch_size=4", "trainer.test_freq=1",
-         "archer.critic.updates=2", "archer.critic.batch_size=8"]
+         "archer.utterance_critic.updates=2", "archer.utterance_critic.batch_size=8"]
 
 
 # --------------------------------------------------------------------------------------------- config

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         write_dataset(["--config-name", "archer", "--out", str(tmp / "data"), f"model_path={args.model}",
                        f"trainer.total_training_steps={args.steps}"])
-        archer_keys = ["algorithm.archer.alpha=0.1", "+algorithm.archer.critic.updates=20"]
+        archer_keys = ["algorithm.archer.alpha=0.1", "+algorithm.archer.utterance_critic.updates=20"]
         results = {
             "gae": run("gae", tmp / "data", model, tmp / "gae", args.steps,
                        ["trainer.v1.trainer_mode=sync", "algorithm.adv_estimator=gae", "~algorithm.archer"]),

@@ -106,8 +106,6 @@ class AlgorithmConfig:
 
 @dataclass
 class UtteranceCriticConfig:
-    type: str = key("token", "token: Q/V from the token critic | utterance: the double Q/V utterance critic",
-                    one_of("token", "utterance"))
     backbone: str = key("hashing", "text features: hashing (no model) | minilm | policy (policy hidden states)",
                         one_of("hashing", "minilm", "policy"))
     grid_features: bool = key(False, "hashing only: add layout features of the last text board")
@@ -145,7 +143,11 @@ class ArcherActorConfig:
 class ArcherConfig:
     alpha: float = key(0.1, "weight of the token-level advantage inside a turn (0 = pure utterance level)", UNIT)
     warmup_iters: int = key(0, "iterations that train only the critics before the actor moves", at_least(0))
-    critic: UtteranceCriticConfig = group(UtteranceCriticConfig)
+    value_model: str = key("token", "the model of the turn-level Q and V: token (the token critic, critic.*) | "
+                                    "utterance (the double Q/V utterance critic, archer.utterance_critic.*)",
+                           one_of("token", "utterance"))
+    utterance_critic: UtteranceCriticConfig = group(
+        UtteranceCriticConfig, "the utterance-level critic (ArCHer's double Q/V heads); critic.* is the token critic")
     replay: ReplayConfig = group(ReplayConfig)
     actor: ArcherActorConfig = group(ArcherActorConfig)
 
@@ -252,7 +254,7 @@ class CriticModelConfig:
 @dataclass
 class CriticConfig:
     enable: Optional[bool] = key(None, "token critic: null = on for gae, bi_level_gae and archer with alpha > 0 "
-                                       "or critic.type=token; true/false forces it")
+                                       "or archer.value_model=token; true/false forces it")
     model: CriticModelConfig = group(CriticModelConfig)
     optim: OptimConfig = group(OptimConfig)
     ppo_micro_batch_size_per_gpu: int = key(II("micro_batch_size_per_gpu"), "rows per forward/backward pass",
@@ -438,12 +440,12 @@ class RunConfig:
             return bool(self.critic.enable)
         estimator = self.algorithm.adv_estimator
         if estimator == "archer":
-            return self.archer.critic.type == "token" or self.archer.alpha > 0
+            return self.archer.value_model == "token" or self.archer.alpha > 0
         return estimator in ESTIMATORS_WITH_TOKEN_CRITIC
 
     @property
     def utterance_critic_enabled(self) -> bool:
-        return self.algorithm.adv_estimator == "archer" and self.archer.critic.type == "utterance"
+        return self.algorithm.adv_estimator == "archer" and self.archer.value_model == "utterance"
 
     @property
     def reference_enabled(self) -> bool:
@@ -515,6 +517,11 @@ def to_dictconfig(run: RunConfig) -> DictConfig:
     return OmegaConf.structured(run)
 
 
+# keys a saved command line or preset may still use (matched at the end of the path, so algorithm.archer.* too)
+RENAMED_KEYS = {"archer.critic": "archer.critic.* is now archer.utterance_critic.*, and archer.critic.type is "
+                                 "archer.value_model (critic.* stays the token critic)"}
+
+
 def _describe(hint: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
@@ -526,7 +533,11 @@ def _check_tree(values: Any, cls: type, prefix: str, require_all: bool) -> None:
     names = [f.name for f in fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (allowed here: {', '.join(names)})")
+        path = prefix + unknown[0]
+        renamed = next((hint for old, hint in RENAMED_KEYS.items() if path.endswith(old)), None)
+        if renamed:
+            raise ConfigError(f"config key {path} was renamed: {renamed}")
+        raise ConfigError(f"unknown config key {path} (allowed here: {', '.join(names)})")
     hints = get_type_hints(cls)
     for name in names:
         if name not in values:
@@ -598,12 +609,12 @@ def _check_relations(cfg: RunConfig) -> None:
     if estimator in ("gae", "bi_level_gae") and not critic_on:
         raise ConfigError(f"algorithm.adv_estimator={estimator} needs the token critic; set critic.enable=true "
                           "(or null)")
-    if estimator == "archer" and not critic_on and (cfg.archer.critic.type == "token" or cfg.archer.alpha > 0):
-        raise ConfigError("algorithm.adv_estimator=archer with archer.critic.type=token or archer.alpha > 0 needs "
+    if estimator == "archer" and not critic_on and (cfg.archer.value_model == "token" or cfg.archer.alpha > 0):
+        raise ConfigError("algorithm.adv_estimator=archer with archer.value_model=token or archer.alpha > 0 needs "
                           "the token critic; set critic.enable=true")
     if cfg.archer.actor.data == "replay" and not cfg.utterance_critic_enabled:
         raise ConfigError("archer.actor.data=replay trains the actor on the utterance critic's advantage: it needs "
-                          "algorithm.adv_estimator=archer and archer.critic.type=utterance")
+                          "algorithm.adv_estimator=archer and archer.value_model=utterance")
 
     batches = [("actor_rollout_ref.actor.ppo_mini_batch_size", cfg.actor_rollout_ref.actor.ppo_mini_batch_size,
                 "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",

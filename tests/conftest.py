@@ -43,9 +43,9 @@ _TINY = (
     "actor_rollout_ref.model.enable_gradient_checkpointing=false",
     "actor_rollout_ref.actor.optim.lr=1e-4",
     "critic.optim.lr=1e-4",
-    "archer.critic.updates=2",
-    "archer.critic.batch_size=8",
-    "archer.critic.hidden_size=32",
+    "archer.utterance_critic.updates=2",
+    "archer.utterance_critic.batch_size=8",
+    "archer.utterance_critic.hidden_size=32",
     # archer.yaml (the CPU main job) runs alpha 0 with 2 critic-only iterations; the tests exercise the token
     # critic next to the utterance critic and the actor from the first step
     "archer.alpha=0.1",

@@ -158,13 +158,14 @@ def test_grid_features_change_the_encoding_only_where_there_is_a_board():
 
 
 def test_critic_from_config_grid_features():
-    cfg = {"archer": {"critic": {"backbone": "hashing", "grid_features": True}}}
+    cfg = {"archer": {"utterance_critic": {"backbone": "hashing", "grid_features": True}}}
     assert ArcherCritic.from_config(cfg).encoder.grid_features is True
-    assert ArcherCritic.from_config({"archer": {"critic": {"backbone": "hashing"}}}).encoder.grid_features is False
-    with pytest.raises(ValueError, match="archer.critic.grid_features"):
-        ArcherCritic.from_config({"archer": {"critic": {"backbone": "minilm", "grid_features": True}}})
-    with pytest.raises(ValueError, match="archer.critic.grid_features"):
-        ArcherCritic.from_config({"archer": {"critic": {"grid_features": "yes"}}})
+    plain = ArcherCritic.from_config({"archer": {"utterance_critic": {"backbone": "hashing"}}})
+    assert plain.encoder.grid_features is False
+    with pytest.raises(ValueError, match="archer.utterance_critic.grid_features"):
+        ArcherCritic.from_config({"archer": {"utterance_critic": {"backbone": "minilm", "grid_features": True}}})
+    with pytest.raises(ValueError, match="archer.utterance_critic.grid_features"):
+        ArcherCritic.from_config({"archer": {"utterance_critic": {"grid_features": "yes"}}})
 
 
 def test_hashing_encoder_is_deterministic_across_processes():
@@ -228,9 +229,9 @@ def test_build_text_encoder_factory():
     enc = build_text_encoder("hashing", device="cpu", dim=128)
     assert isinstance(enc, HashingEncoder) and enc.dim == 128
     assert build_text_encoder("hashing").dim == 512
-    with pytest.raises(ValueError, match="archer.critic.backbone"):
+    with pytest.raises(ValueError, match="archer.utterance_critic.backbone"):
         build_text_encoder("bert-huge")
-    with pytest.raises(ValueError, match="archer.critic.backbone"):
+    with pytest.raises(ValueError, match="archer.utterance_critic.backbone"):
         build_text_encoder("policy")  # needs workers
     workers = _FakeWorkers()
     pol = build_text_encoder("policy", workers=workers)
@@ -462,10 +463,11 @@ def test_update_edge_cases_and_huber():
 
 
 def _cfg(**critic_overrides):
-    critic = dict(type="utterance", backbone="hashing", hidden_size=16, num_layers=1, lr=1e-3, tau=0.1,
+    critic = dict(backbone="hashing", hidden_size=16, num_layers=1, lr=1e-3, tau=0.1,
                   updates=3, batch_size=8, loss="mse", grad_clip=1.0, max_obs_chars=100)
     critic.update(critic_overrides)
-    return {"algorithm": {"high_level_gamma": 0.9}, "archer": {"critic": critic, "replay": {"capacity": 50}},
+    return {"algorithm": {"high_level_gamma": 0.9}, "archer": {"value_model": "utterance", "utterance_critic": critic,
+                                                          "replay": {"capacity": 50}},
             "seed": {"train": 4, "val": 5}}
 
 
@@ -475,10 +477,10 @@ def test_from_config_dict_and_omegaconf():
         0.9, 0.1, 8, 3, 100, 50, 4)
     omegaconf = pytest.importorskip("omegaconf")
     oc = omegaconf.OmegaConf.create(_cfg(loss="huber"))
-    c2 = ArcherCritic.from_config(oc)  # encoder built from archer.critic.backbone
+    c2 = ArcherCritic.from_config(oc)  # encoder built from archer.utterance_critic.backbone
     assert isinstance(c2.encoder, HashingEncoder) and c2.loss == "huber"
     c2.add(_bandit_transitions(10, seed=0))
-    assert c2.update()["critic/steps"] == 3  # default num_steps = archer.critic.updates
+    assert c2.update()["critic/steps"] == 3  # default num_steps = archer.utterance_critic.updates
     # defaults from config/base.yaml when keys are missing
     c3 = ArcherCritic.from_config({}, HashingEncoder(dim=8))
     assert (c3.gamma, c3.tau, c3.batch_size, c3.buffer.capacity, c3.max_obs_chars) == (0.95, 0.1, 64, 10000, 2000)
@@ -490,7 +492,7 @@ def test_from_config_dict_and_omegaconf():
     ("hidden_size", 2.5),
 ])
 def test_from_config_rejects_bad_values_naming_the_key(key, value):
-    with pytest.raises(ValueError, match=f"archer.critic.{key}"):
+    with pytest.raises(ValueError, match=f"archer.utterance_critic.{key}"):
         ArcherCritic.from_config(_cfg(**{key: value}), HashingEncoder(dim=8))
 
 
@@ -503,7 +505,7 @@ def test_from_config_rejects_bad_gamma_capacity_and_backbone():
     cfg["archer"]["replay"]["capacity"] = 0
     with pytest.raises(ValueError, match="archer.replay.capacity"):
         ArcherCritic.from_config(cfg, HashingEncoder(dim=8))
-    with pytest.raises(ValueError, match="archer.critic.backbone"):
+    with pytest.raises(ValueError, match="archer.utterance_critic.backbone"):
         ArcherCritic.from_config(_cfg(backbone="gpt9"))
 
 

@@ -197,7 +197,7 @@ def test_archer_paper_preset_trains_end_to_end(small_config):
                        "archer.actor.replay_batch_size=4", config_name="archer_paper")
     trainer = AgentTrainer(cfg)
     assert trainer.config.actor_rollout_ref.actor.policy_loss == "reinforce"
-    assert trainer.config.archer.actor.data == "replay" and trainer.config.archer.critic.v_target == "policy"
+    assert trainer.config.archer.actor.data == "replay" and trainer.config.archer.utterance_critic.v_target == "policy"
     actor = [p.detach().clone() for p in trainer.workers.actor.parameters()]
     warmup = trainer.train_step(0)
     assert "actor/pg_loss" not in warmup and warmup["utterance_critic/steps"] > 0

@@ -136,8 +136,10 @@ def test_iteration_bench_runs_two_settings(tmp_path):
     out = tmp_path / "iteration.json"
     cmd = [sys.executable, str(REPO_ROOT / "bench" / "iteration.py"), "--baseline-ref", "", "--episodes", "4",
            "--turns", "2", "--response-length", "6", "--json", str(out),
-           "--set", "model_path=tiny-random", "--set", "archer.critic.updates=2", "--set", "archer.warmup_iters=0",
-           "--set", "archer.critic.policy_samples=2", "--set", "archer.alpha=0.1", "--set", "critic.enable=true",
+           "--set", "model_path=tiny-random", "--set", "archer.utterance_critic.updates=2",
+           "--set", "archer.warmup_iters=0",
+           "--set", "archer.utterance_critic.policy_samples=2", "--set", "archer.alpha=0.1",
+           "--set", "critic.enable=true",
            "--baseline-set", "trainer.precision=fp32", "--candidate-env", "RAGEN_BENCH_SMOKE=1", "--profile",
            "--iterations", "1"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,

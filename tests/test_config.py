@@ -53,7 +53,8 @@ def test_every_preset_loads(name):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("archer.critic.grid_features=yes", "archer.critic.grid_features"),   # strict: no 'yes' for a bool
+    # strict: no 'yes' for a bool
+    ("archer.utterance_critic.grid_features=yes", "archer.utterance_critic.grid_features"),
     ("actor_rollout_ref.actor.optim.lr=abc", "actor_rollout_ref.actor.optim.lr"),
     ("actor_rollout_ref.actor.optim.lr=0", "actor_rollout_ref.actor.optim.lr"),
     ("actor_rollout_ref.actor.optim.lr_scheduler_type=linear", "actor_rollout_ref.actor.optim.lr_scheduler_type"),
@@ -61,7 +62,7 @@ def test_every_preset_loads(name):
     ("+algorithm.gamma_typo=1", "algorithm.gamma_typo"),                  # unknown key
     ("micro_batch_size_per_gpu=3.5", "micro_batch_size_per_gpu"),
     ("trainer.logger=[console,nonsense]", "trainer.logger"),
-    ("archer.critic.v_target=sometimes", "archer.critic.v_target"),
+    ("archer.utterance_critic.v_target=sometimes", "archer.utterance_critic.v_target"),
     ("archer.actor.data=replay", "archer.actor.data"),                    # base: gae, no utterance critic
     ("actor_rollout_ref.rollout.rollout_filter_ratio=0", "rollout_filter_ratio"),
 ])
@@ -87,8 +88,15 @@ def test_a_user_registered_estimator_is_accepted_and_one_needing_unknown_inputs_
 
 
 def test_partial_dict_takes_defaults_but_the_trainer_wants_every_key():
-    partial = {"archer": {"critic": {"tau": 0.5}}}
-    assert parse_config(partial).archer.critic.tau == 0.5
-    assert parse_config(partial).archer.critic.lr == RunConfig().archer.critic.lr
+    partial = {"archer": {"utterance_critic": {"tau": 0.5}}}
+    assert parse_config(partial).archer.utterance_critic.tau == 0.5
+    assert parse_config(partial).archer.utterance_critic.lr == RunConfig().archer.utterance_critic.lr
     with pytest.raises(ConfigError, match="missing config key"):
         load_config(partial)
+
+
+@pytest.mark.parametrize("section", [{"archer": {"critic": {"tau": 0.5}}}, {"archer": {"critic": {"type": "token"}}}])
+def test_the_old_utterance_critic_section_names_its_new_keys(section):
+    """archer.critic.* was renamed (critic.* is the token critic alone): the error gives both new names."""
+    with pytest.raises(ConfigError, match=r"archer\.utterance_critic\.\*.*archer\.value_model"):
+        parse_config(section)

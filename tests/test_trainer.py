@@ -56,7 +56,7 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], wh
 @pytest.mark.parametrize("estimator, overrides", [
     ("gae", []),
     ("bi_level_gae", []),
-    ("archer", ["archer.critic.type=token"]),
+    ("archer", ["archer.value_model=token"]),
 ])
 def test_one_train_step_per_estimator(small_config, estimator, overrides):
     cfg = small_config(f"algorithm.adv_estimator={estimator}", *overrides)
@@ -80,9 +80,9 @@ def test_one_train_step_per_estimator(small_config, estimator, overrides):
 
 def test_archer_utterance_critic_with_warmup(small_config):
     """archer.yaml (utterance critic, hashing backbone), 2 turns; warmup_iters=1 freezes the actor at step 0 only."""
-    cfg = small_config("agent_proxy.max_turn=2", "archer.warmup_iters=1", "archer.critic.backbone=hashing",
+    cfg = small_config("agent_proxy.max_turn=2", "archer.warmup_iters=1", "archer.utterance_critic.backbone=hashing",
                        "archer.alpha=0.1", config_name="archer")  # alpha > 0: the token critic runs too
-    assert cfg.algorithm.adv_estimator == "archer" and cfg.archer.critic.type == "utterance"
+    assert cfg.algorithm.adv_estimator == "archer" and cfg.archer.value_model == "utterance"
     trainer = AgentTrainer(cfg)
     uc = trainer.utterance_critic
     assert uc is not None and type(uc.encoder).__name__ == "HashingEncoder"
@@ -212,8 +212,9 @@ def _delete(cfg, dotted: str):
     (["es_manager.train.env_configs.n_groups=[3]"], "es_manager.train.env_configs.n_groups"),
     (["es_manager.val.env_configs.tags=[NoSuchEnv]"], "es_manager.val.env_configs.tags"),
     (["critic.enable=false"], "critic.enable"),  # gae without its critic
-    (["archer.critic.grid_features=yes"], "archer.critic.grid_features"),
-    (["archer.critic.grid_features=true", "archer.critic.backbone=minilm"], "archer.critic.grid_features"),
+    (["archer.utterance_critic.grid_features=yes"], "archer.utterance_critic.grid_features"),
+    (["archer.utterance_critic.grid_features=true", "archer.utterance_critic.backbone=minilm"],
+     "archer.utterance_critic.grid_features"),
 ])
 def test_config_errors_name_the_key_before_loading(small_config, no_models, overrides, key):
     cfg = small_config(*overrides)
@@ -277,7 +278,8 @@ def test_run_archer_example_end_to_end(tmp_path, task):
     shrink = ["micro_batch_size_per_gpu=2", "ppo_mini_batch_size=4", "es_manager.train.env_groups=2",
               "es_manager.train.group_size=2", "es_manager.train.env_configs.n_groups=[2]",
               "es_manager.val.env_groups=2", "es_manager.val.env_configs.n_groups=[2]", "format_warmup.steps=1",
-              "archer.critic.updates=2", "archer.critic.batch_size=8", "archer.critic.policy_samples=2",
+              "archer.utterance_critic.updates=2", "archer.utterance_critic.batch_size=8",
+              "archer.utterance_critic.policy_samples=2",
               "agent_proxy.max_turn=2", "trainer.device=cpu", "trainer.precision=fp32"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     out = tmp_path / "demo"
@@ -420,7 +422,7 @@ def test_archer_alpha_from_the_run_config_reaches_the_estimator(small_config, mo
         return real(*args, **kwargs)
 
     monkeypatch.setattr(estimators, "compute_archer_advantage_return", spy)
-    trainer = AgentTrainer(small_config("algorithm.adv_estimator=archer", "archer.critic.type=token",
+    trainer = AgentTrainer(small_config("algorithm.adv_estimator=archer", "archer.value_model=token",
                                         "archer.alpha=0.5", "algorithm.high_level_gamma=0.8"))
     script_replies(trainer, [LO_ARM, None])
     trainer.train_step(0)

@@ -83,11 +83,11 @@ def test_a_plugin_that_fails_to_load_says_so():
 
 # ------------------------------------------------------------------------------------------------ checks
 def test_the_cpu_config_passes_and_gets_every_archer_key_from_ragens_schema():
-    cfg = verl_config("+algorithm.archer.critic.updates=3")
+    cfg = verl_config("+algorithm.archer.utterance_critic.updates=3")
     check_config(cfg)
     archer = cfg.algorithm.archer
-    assert archer.alpha == 0.0 and archer.critic.type == "utterance" and archer.critic.updates == 3
-    assert archer.critic.tau == 0.1 and archer.replay.capacity == 10000  # from ragen.config's schema
+    assert archer.alpha == 0.0 and archer.value_model == "utterance" and archer.utterance_critic.updates == 3
+    assert archer.utterance_critic.tau == 0.1 and archer.replay.capacity == 10000  # from ragen.config's schema
     assert cfg.algorithm.high_level_gamma == 0.95
 
 
@@ -99,8 +99,8 @@ def test_the_cpu_config_passes_and_gets_every_archer_key_from_ragens_schema():
     (["algorithm.archer.alpha=0.5"], "critic.enable=true"),
     (["+algorithm.archer.actor.data=replay"], "algorithm.archer.actor.data=replay"),
     (["+algorithm.archer.warmup_iters=2"], "trainer.critic_warmup=3"),
-    (["+algorithm.archer.critic.backbone=policy"], "hashing or minilm"),
-    (["+algorithm.archer.critic.taus=0.3"], "algorithm.archer"),
+    (["+algorithm.archer.utterance_critic.backbone=policy"], "hashing or minilm"),
+    (["+algorithm.archer.utterance_critic.taus=0.3"], "algorithm.archer"),
 ])
 def test_bad_combinations_are_refused_naming_the_keys(overrides, key):
     with pytest.raises(ConfigError) as err:
@@ -236,10 +236,10 @@ def test_plugin_and_agent_trainer_give_the_same_turn_values_and_advantages(small
     from ragen.trainer.agent_trainer import AgentTrainer
     from ragen.verl_plugin.trainer import utterance_critic_step
 
-    cfg = small_config("algorithm.adv_estimator=archer", "archer.critic.type=utterance", "archer.alpha=0.3",
+    cfg = small_config("algorithm.adv_estimator=archer", "archer.value_model=utterance", "archer.alpha=0.3",
                        "critic.enable=true", "algorithm.gamma=0.99", "algorithm.lam=0.95",
                        "algorithm.whiten_advantages=false", "agent_proxy.max_turn=3",
-                       "es_manager.train.env_configs.tags=[FrozenLake]", "archer.critic.policy_samples=4",
+                       "es_manager.train.env_configs.tags=[FrozenLake]", "archer.utterance_critic.policy_samples=4",
                        "actor_rollout_ref.rollout.response_length=8")
     trainer = AgentTrainer(cfg)
     script_replies(trainer, ["<answer>Right</answer>", None])
@@ -301,8 +301,8 @@ def main_ppo_command(data: dict[str, str], ckpt: Path, log: Path, *overrides: st
            f"data.train_files={data['train']}", f"data.val_files={data['val']}",
            f"actor_rollout_ref.model.path={resolve_model_path('tiny-random')}", f"trainer.default_local_dir={ckpt}",
            "data.train_batch_size=2", "actor_rollout_ref.rollout.n=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
-           "+algorithm.archer.critic.updates=2", "+algorithm.archer.critic.batch_size=8",
-           "+algorithm.archer.critic.hidden_size=32", "algorithm.archer.critic.policy_samples=4",
+           "+algorithm.archer.utterance_critic.updates=2", "+algorithm.archer.utterance_critic.batch_size=8",
+           "+algorithm.archer.utterance_critic.hidden_size=32", "algorithm.archer.utterance_critic.policy_samples=4",
            "trainer.logger=[console,file]", *overrides]
     return cmd, {**os.environ, "VERL_PLATFORM": "cpu", "OMP_NUM_THREADS": "2", "VERL_FILE_LOGGER_PATH": str(log)}
 

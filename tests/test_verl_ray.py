@@ -160,7 +160,7 @@ def test_b_local_workers_and_verls_trainer_agree(tmp_path, ray_tmp):
     load_tokenizer("tiny-random").save_pretrained(critic_dir)
     out, dump = tmp_path / "run", tmp_path / "rows.pt"
     overrides = ["trainer.backend=verl", "trainer.device=cpu", "trainer.n_gpus_per_node=2", "format_warmup.steps=0",
-                 "algorithm.adv_estimator=archer", "archer.critic.type=utterance", "critic.enable=true",
+                 "algorithm.adv_estimator=archer", "archer.value_model=utterance", "critic.enable=true",
                  "actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.actor.kl_loss_coef=0.1",
                  f"critic.model.path={critic_dir}", "actor_rollout_ref.actor.optim.lr_scheduler_type=cosine",
                  "actor_rollout_ref.actor.optim.min_lr_ratio=0.1", "trainer.total_training_steps=2"]

@@ -8,7 +8,8 @@ One training step (``AgentTrainer.train_step``):
 3. estimate  ``algorithm.adv_estimator`` from veRL's estimator registry (gae / grpo from veRL, bi_level_gae /
              archer from :mod:`ragen.trainer.core_algos`, or any estimator a user registered), called with the
              critic's values, which veRL's own ``compute_advantage`` does not pass; for ``archer`` with the
-             utterance critic, the replay buffer gets the new turns, the critic takes ``archer.critic.updates``
+             utterance critic, the replay buffer gets the new turns, the critic takes
+             ``archer.utterance_critic.updates``
              TD steps (V targets from the current policy) and supplies ``turn_q`` / ``turn_v``
 4. update    token critic; actor on the rollout, or (``archer.actor.data=replay``) on replay states with fresh
              replies, after ``archer.warmup_iters`` iterations for archer
@@ -57,7 +58,7 @@ def check_registered(cfg: RunConfig) -> None:
     except ValueError as exc:
         raise ConfigError(f"{exc}. This project's estimators: {', '.join(BUILT_IN_ESTIMATORS)}") from None
     try:
-        check_backbone(cfg.archer.critic.backbone, cfg.archer.critic.grid_features)
+        check_backbone(cfg.archer.utterance_critic.backbone, cfg.archer.utterance_critic.grid_features)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -178,7 +179,7 @@ class AgentTrainer:
         return metrics
 
     def update_utterance_critic(self, batch: DataProto) -> dict[str, float]:
-        """New turns into the replay buffer, then ``archer.critic.updates`` TD steps."""
+        """New turns into the replay buffer, then ``archer.utterance_critic.updates`` TD steps."""
         return self.utterance_critic.learn(batch.non_tensor_batch["turn_records"], self._policy_actions)
 
     # ------------------------------------------------------------------------------------------ actor

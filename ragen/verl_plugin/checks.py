@@ -6,10 +6,11 @@ imports the name after ``import verl`` has loaded this plugin), so the ArCHer ke
 
 * ``trainer.v1.trainer_mode=archer`` runs only ``algorithm.adv_estimator=archer``, and ``archer`` /
   ``bi_level_gae`` run only under the plugin's trainer (veRL's ``compute_advantage`` passes no critic values);
-* ``algorithm.archer`` (the :class:`ragen.config.ArcherConfig` section: ``alpha``, ``critic.*``, ``replay.*``),
+* ``algorithm.archer`` (the :class:`ragen.config.ArcherConfig` section: ``alpha``, ``value_model``,
+  ``utterance_critic.*``, ``replay.*``),
   ``algorithm.high_level_gamma`` and ``algorithm.whiten_advantages`` are checked against ``ragen.config``'s
   schema, and the keys a user left out are filled in from it (the schema holds the one default of each key);
-* the token critic (``critic.enable``) is on when ``alpha > 0`` or ``algorithm.archer.critic.type=token``;
+* the token critic (``critic.enable``) is on when ``alpha > 0`` or ``algorithm.archer.value_model=token``;
 * what only ``train.py`` supports is refused with the alternative named.
 
 A config without ``archer`` in it passes through untouched.
@@ -69,13 +70,14 @@ def check_config(config: DictConfig) -> None:
         raise ConfigError("algorithm.archer.warmup_iters: in veRL's trainer the critic-only iterations are veRL's "
                           f"trainer.critic_warmup (the actor first moves at that step): set "
                           f"trainer.critic_warmup={section.warmup_iters + 1} and algorithm.archer.warmup_iters=0")
-    if section.critic.backbone == "policy":
-        raise ConfigError("algorithm.archer.critic.backbone=policy reads the policy's hidden states, which live in "
+    if section.utterance_critic.backbone == "policy":
+        raise ConfigError("algorithm.archer.utterance_critic.backbone=policy reads the policy's hidden states, "
+                          "which live in "
                           "veRL's workers: use hashing or minilm")
-    token_critic = section.critic.type == "token" or section.alpha > 0
+    token_critic = section.value_model == "token" or section.alpha > 0
     if token_critic and config.critic.get("enable", None) is not True:
-        raise ConfigError(f"algorithm.archer.alpha={section.alpha} with algorithm.archer.critic.type="
-                          f"{section.critic.type} mixes in the token critic's values: set critic.enable=true")
+        raise ConfigError(f"algorithm.archer.alpha={section.alpha} with algorithm.archer.value_model="
+                          f"{section.value_model} mixes in the token critic's values: set critic.enable=true")
     whiten = config.algorithm.get("whiten_advantages", AlgorithmConfig().whiten_advantages)  # the schema's default
     if not isinstance(whiten, bool):
         raise ConfigError(f"algorithm.whiten_advantages must be true or false; got {whiten!r}")

@@ -4,7 +4,7 @@ Each step, veRL samples the dialogues (its agent loop, its rollout servers), the
 
 1. ``on_sample_end`` (the rollout replicas are still awake, with the weights that generated the batch): every
    row's turns are rebuilt from its ``response_mask`` (:mod:`.turns`), the new turns go into the utterance
-   critic's replay buffer, the critic takes ``algorithm.archer.critic.updates`` TD steps whose V targets use
+   critic's replay buffer, the critic takes ``algorithm.archer.utterance_critic.updates`` TD steps whose V targets use
    fresh replies of the current policy, generated through veRL's own rollout servers, and ``turn_q`` /
    ``turn_v`` are read for each row; then the replicas are put to sleep as veRL's sync trainer does.  Replies
    sampled here cost no weight sync (after ``_compute_advantage`` they would: trainer_sync.py:40-42 sleeps the
@@ -89,8 +89,8 @@ class ArcherTrainer(PPOTrainerSync):
         self.archer, self.high_level_gamma = archer_settings(config)
         self.whiten = bool(config.algorithm.whiten_advantages)  # filled from ragen's schema by check_config
         self.utterance_critic: ArcherCritic | None = None
-        if self.archer.critic.type == "utterance":
-            settings = self.archer.critic
+        if self.archer.value_model == "utterance":
+            settings = self.archer.utterance_critic
             encoder = build_text_encoder(settings.backbone, device="cpu", grid_features=settings.grid_features)
             self.utterance_critic = ArcherCritic(encoder, settings, gamma=self.high_level_gamma,
                                                  replay_capacity=self.archer.replay.capacity, device="cpu",

@@ -166,9 +166,9 @@ log "dataset: ${DATA_KEYS[*]}"
 OVERRIDES=(
   "${DATA_KEYS[@]}"
   "actor_rollout_ref.actor.ppo_mini_batch_size=$batch"
-  trainer.v1.trainer_mode=archer algorithm.archer.critic.type=utterance actor_rollout_ref.rollout.name=hf
-  +algorithm.archer.critic.updates=2 +algorithm.archer.critic.batch_size=8 +algorithm.archer.critic.hidden_size=32
-  algorithm.archer.critic.policy_samples=4
+  trainer.v1.trainer_mode=archer algorithm.archer.value_model=utterance actor_rollout_ref.rollout.name=hf
+  +algorithm.archer.utterance_critic.updates=2 +algorithm.archer.utterance_critic.batch_size=8 +algorithm.archer.utterance_critic.hidden_size=32
+  algorithm.archer.utterance_critic.policy_samples=4
   trainer.total_training_steps=2 trainer.save_freq=1 trainer.test_freq=2 trainer.resume_mode=auto
   trainer.n_gpus_per_node=1 trainer.nnodes=1 ray_kwargs.ray_init.num_gpus=1
   "trainer.logger=[console,file]" "trainer.default_local_dir=$CKPT"

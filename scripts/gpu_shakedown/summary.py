@@ -30,7 +30,7 @@ ENGINE_KEYS = [
     ("attention", "actor_rollout_ref.model.override_config.attn_implementation"),
     ("trainer", "trainer.v1.trainer_mode"),
     ("estimator", "algorithm.adv_estimator"),
-    ("ArCHer critic", "algorithm.archer.critic.type"),
+    ("ArCHer critic", "algorithm.archer.value_model"),
     ("token critic (critic.enable)", "critic.enable"),
     ("env groups x episodes", None),
 ]
