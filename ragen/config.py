@@ -229,7 +229,8 @@ class RolloutConfig:
     log_prob_micro_batch_size_per_gpu: int = key(II("micro_batch_size_per_gpu"), "rows per log-prob forward",
                                                  at_least(1))
     val_kwargs: ValKwargsConfig = group(ValKwargsConfig)
-    vllm_cpu: VllmCpuConfig = group(VllmCpuConfig)
+    vllm_cpu: VllmCpuConfig = group(VllmCpuConfig, "local backend, rollout.name=vllm|auto: vllm-cpu in its own venv "
+                                                   "and process")
 
 
 @dataclass
@@ -357,7 +358,8 @@ class TrainerConfig:
 # ------------------------------------------------------------------------------------------------ veRL group
 @dataclass
 class VerlRolloutConfig:
-    tensor_model_parallel_size: int = key(1, "GPUs per rollout replica", at_least(1))
+    tensor_model_parallel_size: int = key(1, "GPUs per rollout replica (SmolLM2-135M's 9 heads, 3 KV heads allow 1 "
+                                             "or 3)", at_least(1))
     gpu_memory_utilization: float = key(0.5, "share of each GPU the rollout server may take while awake", UNIT)
     free_cache_engine: bool = key(True, "release the rollout server's memory while the FSDP models train")
     enforce_eager: bool = key(False, "true = no CUDA graphs (less memory, slower decoding)")
@@ -400,14 +402,17 @@ class VerlRayConfig:
 class VerlConfig:
     strategy: str = key("auto", "engine of actor, reference and critic: auto (fsdp on GPUs, fsdp2 on CPU) | fsdp | "
                                 "fsdp2", one_of("auto", "fsdp", "fsdp2"))
-    max_prompt_length: int = key(4096, "longest dialogue context (tokens) one generate call may get",
+    max_prompt_length: int = key(4096, "longest dialogue context (tokens) one generate call may get; the rollout "
+                                       "server's max_model_len is this + actor_rollout_ref.rollout.response_length",
                                  at_least(1))
-    rollout: VerlRolloutConfig = group(VerlRolloutConfig)
+    rollout: VerlRolloutConfig = group(VerlRolloutConfig, "the rollout server (its engine is "
+                                                          "actor_rollout_ref.rollout.name)")
     actor: VerlActorConfig = group(VerlActorConfig)
     ref: VerlRefConfig = group(VerlRefConfig)
     critic: VerlCriticConfig = group(VerlCriticConfig)
     ray: VerlRayConfig = group(VerlRayConfig)
-    overrides: List[str] = key([], "extra veRL keys 'dotted.key=value', applied last")
+    overrides: List[str] = key([], "extra veRL keys 'dotted.key=value', applied last; on the command line quote "
+                                   "each entry: 'verl.overrides=[\"actor_rollout_ref.rollout.enforce_eager=true\"]'")
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -425,12 +430,15 @@ class RunConfig:
     archer: ArcherConfig = group(ArcherConfig)
     format_warmup: FormatWarmupConfig = group(FormatWarmupConfig)
     actor_rollout_ref: ActorRolloutRefConfig = group(ActorRolloutRefConfig)
-    critic: CriticConfig = group(CriticConfig)
+    critic: CriticConfig = group(CriticConfig, "the token critic (veRL's value model), when on")
     agent_proxy: AgentProxyConfig = group(AgentProxyConfig)
     es_manager: EsManagerConfig = group(EsManagerConfig)
-    custom_envs: Dict[str, EnvSpec] = field(default_factory=_default_envs, metadata={"doc": "", "check": None})
+    custom_envs: Dict[str, EnvSpec] = field(default_factory=_default_envs, metadata={
+        "doc": "env tags; env_config holds the fields of ragen.env's config classes, with their defaults",
+        "check": None})
     trainer: TrainerConfig = group(TrainerConfig)
-    verl: VerlConfig = group(VerlConfig)
+    verl: VerlConfig = group(VerlConfig, "trainer.backend=verl only: veRL's trainer config is veRL's ppo_trainer.yaml "
+                                         "+ the keys above that veRL shares + these; anything else through overrides")
 
     # ---- derived facts every module asks the same question about
     @property

@@ -8,6 +8,7 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 
 from ragen.config import ConfigError, RunConfig, load_config, parse_config
+from ragen.config_yaml import BASE_YAML, main, render_base_yaml, render_scalar
 from ragen.env import ENV_CLASSES
 from ragen.trainer.agent_trainer import check_registered
 
@@ -23,7 +24,14 @@ def _diff(yaml: object, code: object, path: str = "") -> list[str]:
     return [] if same else [f"{path.rstrip('.')}: yaml {yaml!r} != dataclass {code!r}"]
 
 
-def test_base_yaml_and_dataclass_defaults_agree():
+def test_base_yaml_is_the_schema_rendered():
+    """config/base.yaml has one source, the schema: `python -m ragen.config_yaml` writes it."""
+    assert render_base_yaml() == BASE_YAML.read_text(), "run `python -m ragen.config_yaml`"
+    assert main(["--check"]) == 0
+
+
+def test_the_rendered_defaults_read_back_as_the_schema_defaults():
+    """The renderer's YAML (floats such as 1.0e-05, quoted '||', null, flow lists) parses back to the same values."""
     yaml = OmegaConf.to_container(compose_config("base"), resolve=False)
     code = OmegaConf.to_container(OmegaConf.structured(RunConfig), resolve=False)
     assert _diff(yaml, code) == []
@@ -100,3 +108,9 @@ def test_the_old_utterance_critic_section_names_its_new_keys(section):
     """archer.critic.* was renamed (critic.* is the token critic alone): the error gives both new names."""
     with pytest.raises(ConfigError, match=r"archer\.utterance_critic\.\*.*archer\.value_model"):
         parse_config(section)
+
+
+@pytest.mark.parametrize("value", [1.0e-5, 3e-6, 0.001, 1.0, -0.1, 10000, True, None, "||", "", "a: b", "${model_path}",
+                                   [6, 6], ["console", "tensorboard"], "all-linear"])
+def test_a_rendered_scalar_reads_back_as_itself(value):
+    assert OmegaConf.to_container(OmegaConf.create(f"k: {render_scalar(value)}"), resolve=False)["k"] == value
