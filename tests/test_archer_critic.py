@@ -358,7 +358,8 @@ def _bandit_transitions(n, seed):
 
 
 def _bandit_critic(**kw):
-    args = dict(gamma=0.95, tau=0.1, lr=3e-3, hidden_size=32, num_layers=2, batch_size=32, seed=0)
+    args = dict(gamma=0.95, replay_capacity=10000, tau=0.1, lr=3e-3,
+                hidden_size=32, num_layers=2, batch_size=32, seed=0)
     args.update(kw)
     return ArcherCritic(HashingEncoder(dim=128), **args)
 
@@ -430,7 +431,7 @@ def test_terminal_next_obs_is_never_encoded():
         assert "" not in texts
         return torch.stack([torch.tensor([float(len(t)), 1.0]) for t in texts])
 
-    critic = ArcherCritic(CallableEncoder(fn, dim=2), hidden_size=4, batch_size=8)
+    critic = ArcherCritic(CallableEncoder(fn, dim=2), gamma=0.95, replay_capacity=100, hidden_size=4, batch_size=8)
     critic.add([Transition("s0", "a", 0.0, "s1", False), Transition("s1", "a", 1.0, "", True)])
     m = critic.update(num_steps=3)
     assert np.isfinite(m["critic/loss"]) and set(seen) == {"s0", "s1", "a"}
@@ -511,7 +512,8 @@ def test_from_config_rejects_bad_gamma_capacity_and_backbone():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_critic_on_cuda():
-    critic = ArcherCritic(HashingEncoder(dim=64), hidden_size=16, batch_size=8, device="cuda")
+    critic = ArcherCritic(HashingEncoder(dim=64), gamma=0.95, replay_capacity=100, hidden_size=16, batch_size=8,
+                          device="cuda")
     critic.add(_bandit_transitions(20, seed=0))
     m = critic.update(num_steps=3)
     assert np.isfinite(m["critic/loss"])
@@ -519,6 +521,7 @@ def test_critic_on_cuda():
     q, v = critic.turn_values([BANDIT_PROMPT], ["Dragon"])
     assert q.device.type == "cpu" and v.device.type == "cpu"
     state = critic.state_dict()
-    other = ArcherCritic(HashingEncoder(dim=64), hidden_size=16, batch_size=8, device="cuda", seed=9)
+    other = ArcherCritic(HashingEncoder(dim=64), gamma=0.95, replay_capacity=100, hidden_size=16, batch_size=8,
+                         device="cuda", seed=9)
     other.load_state_dict(state)
     assert torch.equal(other.turn_values([BANDIT_PROMPT], ["Dragon"])[0], q)

@@ -22,7 +22,8 @@ def test_public_names_stay_where_the_docs_put_them():
 
 # ------------------------------------------------------------------------------------------------ V targets
 def _critic_with_buffer(n_old: int = 6, n_fresh: int = 2, batch_size: int = 4) -> ArcherCritic:
-    critic = ArcherCritic(HashingEncoder(dim=32), batch_size=batch_size, hidden_size=8, num_layers=1, seed=3)
+    critic = ArcherCritic(HashingEncoder(dim=32), gamma=0.95, replay_capacity=10000, batch_size=batch_size,
+                          hidden_size=8, num_layers=1, seed=3)
     critic.add([Transition(f"state {i}", f"logged {i}", 0.1 * i, f"state {i + 1}", i % 3 == 2)
                 for i in range(n_old + n_fresh)])
     return critic

@@ -155,7 +155,7 @@ def _mlp(in_dim: int, hidden_size: int, num_layers: int) -> nn.Module:
 class DoubleCriticHeads(nn.Module):
     """Two independent critics; critic k has ``Q_k(concat(e(s), e(a)))`` and ``V_k(e(s))`` MLP heads."""
 
-    def __init__(self, emb_dim: int, hidden_size: int = 256, num_layers: int = 2) -> None:
+    def __init__(self, emb_dim: int, hidden_size: int, num_layers: int) -> None:
         super().__init__()
         self.emb_dim = int(emb_dim)
         self.q_heads = nn.ModuleList([_mlp(2 * emb_dim, hidden_size, num_layers) for _ in range(2)])
@@ -189,8 +189,8 @@ class ArcherCritic:
     defaults and checks are the only ones), optionally overridden by keyword (``ArcherCritic(enc, tau=0.3)``).
     """
 
-    def __init__(self, encoder: TextEncoder, settings: UtteranceCriticConfig | None = None, *, gamma: float = 0.95,
-                 replay_capacity: int = 10000, device: str | torch.device | None = None, seed: int = 0,
+    def __init__(self, encoder: TextEncoder, settings: UtteranceCriticConfig | None = None, *, gamma: float,
+                 replay_capacity: int, device: str | torch.device | None = None, seed: int = 0,
                  weight_decay: float = 0.0, **overrides: Any) -> None:
         if encoder is None or not hasattr(encoder, "encode") or not hasattr(encoder, "dim"):
             raise ValueError("encoder must have .dim and .encode(list[str]) -> [N, dim]")
