@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 from verl import DataProto
 
+from ragen.config import load_config
 from ragen.llm_agent import AgentProxy, ContextManager, EnvStateManager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,7 +168,7 @@ def runs(mask_row):
 
 # ---------------------------------------------------------------------- parsing
 def test_parse_response_cases(tok):
-    ctx = ContextManager(make_config(**{"agent_proxy.max_actions_per_turn": 2}), tok)
+    ctx = ContextManager(load_config(make_config(**{"agent_proxy.max_actions_per_turn": 2})).agent_proxy, tok)
     assert ctx.parse_response("<think>go right</think><answer>Right</answer>") == (["Right"], True)
     assert ctx.parse_response("<answer> Right </answer>") == (["Right"], True)  # think is optional
     # every action comes back, also over the cap of 2 (the proxy takes the first two and penalises the rest)
@@ -182,7 +183,7 @@ def test_parse_response_cases(tok):
 
 
 def test_prefill_parse_and_prompt(tok):
-    ctx = ContextManager(make_config(**{"agent_proxy.prefill_answer": True}), tok)
+    ctx = ContextManager(load_config(make_config(**{"agent_proxy.prefill_answer": True})).agent_proxy, tok)
     assert ctx.parse_response("Left</answer>") == (["Left"], True)
     assert ctx.parse_response("Left || Up</answer>") == (["Left", "Up"], True)
     assert ctx.parse_response("<answer>Up</answer>") == (["Up"], True)  # a repeated tag is tolerated
@@ -202,7 +203,7 @@ def test_parse_roundtrip_property(tok_cached, actions, sep):
 
 @pytest.fixture(scope="module")
 def tok_cached(tok):
-    return ContextManager(make_config(**{"agent_proxy.max_actions_per_turn": 3}), tok)
+    return ContextManager(load_config(make_config(**{"agent_proxy.max_actions_per_turn": 3})).agent_proxy, tok)
 
 
 # ---------------------------------------------------------------------- token rows
@@ -432,13 +433,13 @@ def test_groups_share_seed_and_uid_train_seeds_fresh_val_fixed(tok):
 
 def test_seed_formula_never_reuses_train_seeds():
     cfg = make_config()
-    esm = EnvStateManager(cfg, "train", env_factory=line_factory)
+    esm = EnvStateManager.for_run(cfg, "train", env_factory=line_factory)
     seen = set()
     for step in range(20):
         seeds = {esm.group_seed(step, g) for g in range(esm.env_groups)}
         assert len(seeds) == esm.env_groups and not seeds & seen
         seen |= seeds
-    val = EnvStateManager(cfg, "val", env_factory=line_factory)
+    val = EnvStateManager.for_run(cfg, "val", env_factory=line_factory)
     assert {val.group_seed(0, g) for g in range(3)} == {val.group_seed(7, g) for g in range(3)}
     assert not {val.group_seed(0, g) for g in range(3)} & seen
 
@@ -475,7 +476,7 @@ def test_rollout_filter_keeps_highest_std_groups(tok):
 
 def test_config_errors(tok):
     with pytest.raises(ValueError, match=r"n_groups.*env_groups"):
-        EnvStateManager(make_config(**{"es_manager.train.env_configs.n_groups": [1]}), "train",
+        EnvStateManager.for_run(make_config(**{"es_manager.train.env_configs.n_groups": [1]}), "train",
                         env_factory=line_factory)
     with pytest.raises(ValueError, match="full-history"):
         AgentProxy(make_config(**{"agent_proxy.max_context_window": 2}), FakeWorkers(tok, None), tok,
@@ -484,10 +485,10 @@ def test_config_errors(tok):
         AgentProxy(make_config(**{"agent_proxy.max_context_window": ok}), FakeWorkers(tok, None), tok,
                    env_factory=line_factory)
     with pytest.raises(ValueError, match="custom_envs.Nope"):
-        EnvStateManager(make_config(**{"es_manager.train.env_configs.tags": ["Nope"]}), "train",
+        EnvStateManager.for_run(make_config(**{"es_manager.train.env_configs.tags": ["Nope"]}), "train",
                         env_factory=line_factory)
     with pytest.raises(ValueError, match="seed.val"):
-        EnvStateManager(make_config(**{"seed.val": 10000}), "val", env_factory=line_factory)
+        EnvStateManager.for_run(make_config(**{"seed.val": 10000}), "val", env_factory=line_factory)
 
 
 def test_metrics_present(tok):

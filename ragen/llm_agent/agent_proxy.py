@@ -166,7 +166,7 @@ class AgentProxy:
         self.format_penalty = config.es_manager.format_penalty
         self.response_length = config.actor_rollout_ref.rollout.response_length
         self.filter_ratio = config.actor_rollout_ref.rollout.rollout_filter_ratio
-        self.ctx = ContextManager(config, self.tokenizer)
+        self.ctx = ContextManager(config.agent_proxy, self.tokenizer)
         self.env_factory = env_factory
         self._managers: dict[str, EnvStateManager] = {}
 
@@ -176,7 +176,7 @@ class AgentProxy:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode not in self._managers:
-            self._managers[mode] = EnvStateManager(self.config, mode, env_factory=self.env_factory)
+            self._managers[mode] = EnvStateManager.for_run(self.config, mode, env_factory=self.env_factory)
         return self._managers[mode]
 
     def generation_kwargs(self, mode: str) -> dict[str, Any]:

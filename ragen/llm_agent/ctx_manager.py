@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ragen.config import RunConfig, load_config
+from ragen.config import AgentProxyConfig
 
 __all__ = ["ContextManager", "Dialogue", "PREFILL"]
 
@@ -48,8 +48,11 @@ class Dialogue:
 class ContextManager:
     """Builds and parses the chat of the agent proxy."""
 
-    def __init__(self, config: RunConfig, tokenizer: Any, check_template: bool = True):
-        proxy = load_config(config).agent_proxy
+    def __init__(self, proxy: AgentProxyConfig, tokenizer: Any, check_template: bool = True):
+        """``proxy``: the run's ``agent_proxy`` section (turns, action separator, think / prefill)."""
+        if not isinstance(proxy, AgentProxyConfig):
+            raise TypeError(f"ContextManager takes the agent_proxy section (ragen.config.AgentProxyConfig), got "
+                            f"{type(proxy).__name__}: pass run.agent_proxy")
         self.tokenizer = tokenizer
         self.max_turn = proxy.max_turn
         self.action_sep = proxy.action_sep

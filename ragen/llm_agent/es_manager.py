@@ -12,11 +12,11 @@ the two ranges do not overlap.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ragen.config import RunConfig, load_config
+from ragen.config import EnvGroupsConfig, EnvSpec, load_config
 from ragen.env import make_env
 
 __all__ = ["EnvState", "EnvStateManager", "MODES"]
@@ -52,24 +52,27 @@ class EnvState:
 
 
 class EnvStateManager:
-    """All environments of one mode ("train" or "val").  The config was checked by ``load_config``; env
+    """All environments of one mode ("train" or "val").  The run config was checked by ``load_config``; env
     configs are checked here, where the env classes are known (before any model is loaded)."""
 
-    def __init__(self, config: RunConfig, mode: str = "train",
-                 env_factory: Callable[[str, dict], Any] | None = None):
-        config = load_config(config)
+    def __init__(self, groups: EnvGroupsConfig, envs: Mapping[str, EnvSpec], first_seed: int,
+                 max_actions_per_turn: int, mode: str = "train", env_factory: Callable[[str, dict], Any] | None = None):
+        """``groups``: ``es_manager.<mode>``; ``envs``: ``custom_envs``; ``first_seed``: ``seed.<mode>``;
+        ``max_actions_per_turn``: ``agent_proxy.max_actions_per_turn``."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
         self.env_factory = env_factory or make_env
-        groups = getattr(config.es_manager, mode)
         self.env_groups, self.group_size = groups.env_groups, groups.group_size
-        self.seed_train, self.seed_val = config.seed.train, config.seed.val
+        self.first_seed = int(first_seed)
 
         self.envs: list[EnvState] = []
         self.group_tags: list[str] = []
         for tag, n in zip(groups.env_configs.tags, groups.env_configs.n_groups):
-            spec = config.custom_envs[tag]
+            if tag not in envs:
+                raise ValueError(f"es_manager.{mode}.env_configs.tags names {tag!r}, but custom_envs.{tag} is not "
+                                 f"defined (known: {', '.join(sorted(envs))})")
+            spec = envs[tag]
             for _ in range(n):
                 group = len(self.group_tags)
                 self.group_tags.append(tag)
@@ -81,14 +84,24 @@ class EnvStateManager:
                     instruction = spec.env_instruction or getattr(env, "instruction", "") or ""
                     self.envs.append(EnvState(env=env, tag=tag, group=group, env_id=len(self.envs),
                                               max_actions=spec.max_actions_per_traj, instruction=str(instruction)))
-        self.max_actions_per_turn = config.agent_proxy.max_actions_per_turn
+        self.max_actions_per_turn = int(max_actions_per_turn)
         self.step_index: int | None = None
+
+    @classmethod
+    def for_run(cls, run: Any, mode: str = "train",
+                env_factory: Callable[[str, dict], Any] | None = None) -> EnvStateManager:
+        """The ``mode`` manager of a run config (checked once by ``load_config``; a checked one is not re-checked)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        run = load_config(run)
+        return cls(getattr(run.es_manager, mode), run.custom_envs, getattr(run.seed, mode),
+                   run.agent_proxy.max_actions_per_turn, mode, env_factory)
 
     # ------------------------------------------------------------------ seeds
     def group_seed(self, step: int, group: int) -> int:
         if self.mode == "train":
-            return self.seed_train + int(step) * self.env_groups + group
-        return self.seed_val + group
+            return self.first_seed + int(step) * self.env_groups + group
+        return self.first_seed + group
 
     def group_uid(self, step: int, group: int) -> str:
         return f"{self.mode}-step{int(step)}-group{group}-seed{self.group_seed(step, group)}"

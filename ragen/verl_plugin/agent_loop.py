@@ -57,7 +57,8 @@ def episode_config(settings: dict[str, Any]) -> RunConfig:
 @functools.lru_cache(maxsize=16)
 def _context(settings_json: str, tokenizer: Any) -> tuple[RunConfig, ContextManager]:
     run = episode_config(json.loads(settings_json))
-    return run, ContextManager(run, tokenizer)  # checks the chat template once per settings, not per episode
+    # the chat template is checked once per settings, not per episode
+    return run, ContextManager(run.agent_proxy, tokenizer)
 
 
 def row_settings(extra_info: Any) -> tuple[str, int]:
@@ -76,7 +77,7 @@ class RagenEnvAgentLoop(AgentLoopBase):
         settings_json, seed = row_settings(kwargs.get("extra_info"))
         settings = json.loads(settings_json)
         run, ctx = _context(settings_json, self.tokenizer)
-        esm = EnvStateManager(run, "train")
+        esm = EnvStateManager.for_run(run, "train")
         state = esm.reset_env(0, seed, uid=f"{settings['env_tag']}-seed{seed}")
         dialogue = ctx.start(state.instruction, state.obs, state.actions_left)
         prompt_len = len(dialogue.input_ids)

@@ -49,7 +49,7 @@ def episode_settings(run: RunConfig, tag: str) -> dict[str, Any]:
 def build_rows(run: RunConfig, mode: str, ctx: ContextManager) -> tuple[list[dict[str, Any]], int]:
     """One row per env group and step (train) or per env group (val), in the local backend's seed order; and the
     longest first prompt in tokens."""
-    esm = EnvStateManager(run, mode)
+    esm = EnvStateManager.for_run(run, mode)
     steps = run.trainer.total_training_steps if mode == "train" else 1
     rows, longest = [], 0
     for step in range(steps):
@@ -75,7 +75,7 @@ def write_dataset(config: Any, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Write ``train.parquet`` and ``val.parquet`` under ``out_dir``; returns the veRL keys that go with them."""
     run = load_config(config)
     tokenizer = load_tokenizer(run.actor_rollout_ref.model.path)
-    ctx = ContextManager(run, tokenizer)
+    ctx = ContextManager(run.agent_proxy, tokenizer)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     lengths = {}
