@@ -66,7 +66,8 @@ def test_local_backend_refuses_vllm_without_its_venv(small_config, monkeypatch):
 def test_row_seeds_are_distinct_and_fit_vllm():
     seeds = row_seeds(2 ** 31 - 2, 64)
     assert len(set(seeds)) == 64 and all(0 <= s < 2 ** 31 for s in seeds)
-    assert row_seeds(7, 3) == [7 * 1_000_003, 7 * 1_000_003 + 1, 7 * 1_000_003 + 2]
+    start = row_seeds(7, 1)[0]
+    assert row_seeds(7, 3) == [start, start + 1, start + 2] and row_seeds(8, 1)[0] != start + 1
 
 
 def test_write_weights_leaves_out_a_tied_lm_head(tmp_path):

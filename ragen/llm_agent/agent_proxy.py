@@ -36,6 +36,7 @@ from verl import DataProto
 from verl.utils.model import compute_position_id_with_mask
 
 from ragen.config import RunConfig, load_config
+from ragen.utils import mix_seed
 
 from .ctx_manager import ContextManager, Dialogue
 from .es_manager import MODES, EnvStateManager
@@ -189,8 +190,7 @@ class AgentProxy:
                 "do_sample": do_sample and temperature > 0.0}
 
     def _generation_seed(self, mode: str, step: int, turn: int) -> int:
-        base = getattr(self.config.seed, mode)
-        return (base * 1_000_003 + int(step) * (self.max_turn + 1) + turn) % (2 ** 31 - 1)
+        return mix_seed(getattr(self.config.seed, mode), step, turn)
 
     def generate(self, prompts: list[list[int]], mode: str, step: int, turn: int) -> list[list[int]]:
         """One ``workers.generate`` call for the token prompts, with ``mode``'s sampling settings and a seed

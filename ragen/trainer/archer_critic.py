@@ -344,7 +344,7 @@ class ArcherCritic:
                                            for indices in drawn]
         older = [(step, pos) for step, indices in enumerate(drawn) for pos, i in enumerate(indices) if i < newest]
         if max_policy_samples is not None and len(older) > max_policy_samples:
-            rng = np.random.default_rng(self.seed * 7919 + self.num_updates)
+            rng = np.random.default_rng((self.seed, self.num_updates))  # numpy hashes the pair (SeedSequence)
             keep = np.sort(rng.choice(len(older), size=max_policy_samples, replace=False))
             older = [older[k] for k in keep]
         if older:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ragen.config import ConfigError
+from ragen.utils import mix_seed
 from ragen.workers.protocol import Sampling
 
 PYTHON_ENV = "RAGEN_VLLM_CPU_PYTHON"
@@ -84,8 +85,10 @@ def write_weights(model: torch.nn.Module, path: str, dtype: torch.dtype = torch.
 
 
 def row_seeds(seed: int, rows: int) -> list[int]:
-    """One sampler seed per row of a call seeded with ``seed`` (distinct rows, distinct seeds; < 2**31)."""
-    return [(int(seed) * 1_000_003 + i) % (2 ** 31 - 1) for i in range(rows)]
+    """One sampler seed per row of a call seeded with ``seed``: consecutive after a hashed start, so distinct rows
+    get distinct seeds (< 2**31 - 1) and nearby call seeds do not share rows' seeds."""
+    start = mix_seed(seed)
+    return [(start + i) % (2 ** 31 - 1) for i in range(rows)]
 
 
 def _shared_memory_dir() -> str:
