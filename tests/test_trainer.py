@@ -18,7 +18,8 @@ from omegaconf import OmegaConf, open_dict
 
 import ragen.workers.local
 from ragen.config import ConfigError
-from ragen.trainer.agent_trainer import LATEST_FILE, AgentTrainer
+from ragen.trainer.agent_trainer import AgentTrainer
+from ragen.trainer.checkpoints import LATEST_FILE
 from ragen.trainer.tracking import Tracker, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
+from transformers import set_seed
 from verl import DataProto
 from verl.utils.torch_functional import masked_whiten
 
@@ -40,7 +39,7 @@ from ragen.llm_agent.agent_proxy import AgentProxy, build_batch
 from ragen.llm_agent.ctx_manager import Dialogue
 from ragen.models import load_tokenizer
 from ragen.trainer.archer_critic import ArcherCritic, table_metrics
-from ragen.trainer.checkpoints import LATEST_FILE, resume_checkpoint, write_file_atomically, write_manifest
+from ragen.trainer.checkpoints import load_step_checkpoint, resume_checkpoint, save_step_checkpoint
 from ragen.trainer.core_algos import segment_turns
 from ragen.trainer.estimators import check_estimator, run_estimator
 from ragen.trainer.text_encoders import check_backbone
@@ -73,7 +72,7 @@ class AgentTrainer:
         self.estimator = cfg.algorithm.adv_estimator
         self.critic_enabled = cfg.token_critic_enabled
         self.console = console or tqdm.write
-        self._seed_everything(cfg.seed.train)
+        set_seed(cfg.seed.train)  # python, numpy and torch (transformers' helper)
 
         tokenizer = workers.tokenizer if workers is not None else load_tokenizer(cfg.actor_rollout_ref.model.path)
         self.proxy = AgentProxy(cfg, workers, tokenizer)
@@ -97,12 +96,6 @@ class AgentTrainer:
         self.history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------------------------------ helpers
-    @staticmethod
-    def _seed_everything(seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-
     @property
     def needs_reference(self) -> bool:
         return self.config.reference_enabled
@@ -288,65 +281,27 @@ class AgentTrainer:
     def validate(self, step: int) -> dict[str, float]:
         batch = self.proxy.rollout("val", step)
         if self.config.trainer.log_val_generations > 0:
-            self.write_val_generations(batch, step)
+            write_val_generations(batch, self.config.trainer.log_val_generations,
+                                  os.path.join(self.out_dir, "val_generations"), step)
         return {f"val/{k}": v for k, v in batch.meta_info.get("metrics", {}).items()}
 
-    def write_val_generations(self, batch: DataProto, step: int) -> str:
-        """The first ``trainer.log_val_generations`` validation episodes, one JSON line each: uid (env seed),
-        env tag, success and the turns (observation the policy saw, its reply, the actions the env took from it,
-        reward); returns the path."""
-        rows = min(self.config.trainer.log_val_generations, len(batch))
-        nt = batch.non_tensor_batch
-        directory = os.path.join(self.out_dir, "val_generations")
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"step_{step}.jsonl")
-        with open(path, "w", encoding="utf-8") as fh:
-            for i in range(rows):
-                turns = [{"obs": t["obs"], "reply": t["action"], "actions": t["env_actions"], "reward": t["reward"]}
-                         for t in nt["turn_records"][i]]
-                fh.write(json.dumps({"step": step, "uid": str(nt["uid"][i]), "env_tag": str(nt["env_tag"][i]),
-                                     "success": bool(nt["episode_success"][i]), "turns": turns}) + "\n")
-        return path
-
     # ------------------------------------------------------------------------------------------ checkpoints
-    def checkpoint_dir(self, step: int) -> str:
-        return os.path.join(self.out_dir, f"global_step_{step}")
-
     def save_checkpoint(self) -> str:
-        """Workers, utterance critic (with its replay buffer) and RNG states of ``global_step``, written to a
-        temporary directory and renamed into place, so a crash never leaves a half-written checkpoint.  The last
-        file written before the rename is ``manifest.json`` (every file's size, after an fsync), which
-        :meth:`latest_checkpoint` checks; the ``latest_checkpointed_iteration.txt`` marker is replaced atomically."""
-        directory = self.checkpoint_dir(self.global_step)
-        tmp = directory + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        self.workers.save_checkpoint(os.path.join(tmp, "workers"))
-        state = {
-            "global_step": self.global_step,
-            "utterance_critic": self.utterance_critic.state_dict() if self.utterance_critic is not None else None,
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-        }
-        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-        write_manifest(tmp)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
-        write_file_atomically(os.path.join(self.out_dir, LATEST_FILE), str(self.global_step))
-        return directory
+        """Workers, utterance critic (with its replay buffer) and RNG states of ``global_step``
+        (:func:`ragen.trainer.checkpoints.save_step_checkpoint`: never half-written)."""
+        critic = self.utterance_critic.state_dict() if self.utterance_critic is not None else None
+        return save_step_checkpoint(self.out_dir, self.global_step, self.workers.save_checkpoint,
+                                    {"utterance_critic": critic})
 
     def latest_checkpoint(self) -> str | None:
         """The checkpoint to resume from (:func:`ragen.trainer.checkpoints.resume_checkpoint`)."""
         return resume_checkpoint(self.out_dir)
 
     def load_checkpoint(self, directory: str) -> None:
-        self.workers.load_checkpoint(os.path.join(directory, "workers"))
-        state = torch.load(os.path.join(directory, "trainer_state.pt"), weights_only=False)
+        state = load_step_checkpoint(directory, self.workers.load_checkpoint)
         self.global_step = int(state["global_step"])
         if self.utterance_critic is not None and state["utterance_critic"] is not None:
             self.utterance_critic.load_state_dict(state["utterance_critic"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
 
     # ------------------------------------------------------------------------------------------ the loop
     def fit(self) -> list[dict[str, float]]:
@@ -401,6 +356,22 @@ class AgentTrainer:
             self.console(f"saved step {self.global_step} to {directory} before stopping")
         except Exception:  # the failure may have left the workers unusable; the original error matters more
             logger.exception("could not save a checkpoint after the failure")
+
+
+def write_val_generations(batch: DataProto, rows: int, directory: str, step: int) -> str:
+    """The first ``rows`` validation episodes (``trainer.log_val_generations``) as ``<directory>/step_<step>.jsonl``,
+    one JSON line each: uid (env seed), env tag, success and the turns (observation the policy saw, its reply, the
+    actions the env took from it, reward); returns the path."""
+    nt = batch.non_tensor_batch
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"step_{step}.jsonl")
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(min(rows, len(batch))):
+            turns = [{"obs": t["obs"], "reply": t["action"], "actions": t["env_actions"], "reward": t["reward"]}
+                     for t in nt["turn_records"][i]]
+            fh.write(json.dumps({"step": step, "uid": str(nt["uid"][i]), "env_tag": str(nt["env_tag"][i]),
+                                 "success": bool(nt["episode_success"][i]), "turns": turns}) + "\n")
+    return path
 
 
 def _plain_config(cfg: RunConfig) -> dict[str, Any]:

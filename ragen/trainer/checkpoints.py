@@ -10,6 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +124,36 @@ def resume_checkpoint(out_dir: str) -> str | None:
         return None
     raise RuntimeError(f"no complete checkpoint in {out_dir}: {reason}; " + "; ".join(problems)
                        + " (delete the broken checkpoints to start from step 0)")
+
+
+# ------------------------------------------------------------------------------------------------ train.py's trainer
+TRAINER_STATE_FILE = "trainer_state.pt"
+
+
+def save_step_checkpoint(out_dir: str, step: int, save_workers: Callable[[str], None], state: dict[str, Any]) -> str:
+    """``global_step_<step>`` under ``out_dir``: the workers (``save_workers(folder)``), ``state`` plus the python,
+    numpy and torch RNG states in ``trainer_state.pt``, then the manifest; written to a temporary folder and renamed
+    into place, so a crash never leaves a half-written checkpoint; the latest marker is replaced atomically."""
+    directory = os.path.join(out_dir, f"global_step_{step}")
+    tmp = directory + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_workers(os.path.join(tmp, "workers"))
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save({**state, "global_step": step, "rng": rng}, os.path.join(tmp, TRAINER_STATE_FILE))
+    write_manifest(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    write_file_atomically(os.path.join(out_dir, LATEST_FILE), str(step))
+    return directory
+
+
+def load_step_checkpoint(directory: str, load_workers: Callable[[str], None]) -> dict[str, Any]:
+    """Restore what :func:`save_step_checkpoint` wrote: the workers and the RNG states; returns the saved state
+    (``global_step`` included)."""
+    load_workers(os.path.join(directory, "workers"))
+    state = torch.load(os.path.join(directory, TRAINER_STATE_FILE), weights_only=False)
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return state
