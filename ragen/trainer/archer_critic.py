@@ -175,6 +175,22 @@ class DoubleCriticHeads(nn.Module):
         return q1, q2, v1, v2
 
 
+@contextlib.contextmanager
+def cpu_threads(count: int | None, device: torch.device):
+    """Cap torch's CPU threads at ``count`` (None: leave them) around the heads' maths only (encoding keeps all
+    threads): the heads are tiny, and on a busy machine intra-op threads cost far more in contention than they
+    bring (measured 17 s vs 0.3 s per update(20) on 2 shared cores)."""
+    if count is None or device.type != "cpu" or torch.get_num_threads() == count:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # ================================================================================================ critic
 class ArcherCritic:
     """The utterance critic: encoder + online/target ``DoubleCriticHeads`` + AdamW + FIFO replay buffer.
@@ -246,21 +262,6 @@ class ArcherCritic:
     def _embed(self, texts: list[str]) -> torch.Tensor:
         return self.encoder.encode(texts).to(device=self.device, dtype=torch.float32)
 
-    @contextlib.contextmanager
-    def _threads(self):
-        """Cap torch's CPU threads (``num_threads``, default 1; None = leave them) around the heads' maths only
-        (encoding keeps all threads): the heads are tiny, and on a busy machine intra-op threads cost far more
-        in contention than they bring (measured 17 s vs 0.3 s per update(20) on 2 shared cores)."""
-        if self.num_threads is None or self.device.type != "cpu" or torch.get_num_threads() == self.num_threads:
-            yield
-            return
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.num_threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
     def _loss_fn(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Elementwise regression loss [N] (MSE or Huber with delta 1)."""
         if self.loss == "huber":
@@ -325,7 +326,7 @@ class ArcherCritic:
             v_mask = torch.tensor([a is not None for a in step_actions], dtype=torch.float32, device=self.device)
             rewards = torch.tensor([t.reward for t in batch], dtype=torch.float32, device=self.device)
             dones = torch.tensor([t.done for t in batch], dtype=torch.float32, device=self.device)
-            with self._threads():
+            with cpu_threads(self.num_threads, self.device):
                 sums += self._step(e_obs, e_act, e_next, e_new, rewards, dones, v_mask)
         avg = (sums / num_steps).tolist()
         if not math.isfinite(avg[0]):
@@ -396,7 +397,7 @@ class ArcherCritic:
             o = [self.clip_obs(t) for t in obs[i:i + chunk_size]]
             a = actions[i:i + chunk_size]
             emb = self._embed(o + a)
-            with self._threads():
+            with cpu_threads(self.num_threads, self.device):
                 outs.append(tuple(x.float().cpu() for x in heads(emb[:len(o)], emb[len(o):])))
         heads.train(was_training)
         if not outs:
