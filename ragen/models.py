@@ -24,8 +24,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
+from filelock import FileLock
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -34,8 +36,6 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
-
-from ragen.utils import scoped_environ
 
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATML_END = "<|im_end|>"
@@ -57,7 +57,7 @@ def cache_root() -> Path:
 
 def offline():
     """Force the Hugging Face stack offline while loading."""
-    return scoped_environ(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
 
 
 def find_embedded_gguf() -> Path:
@@ -139,13 +139,8 @@ def _cached_build(name: str, build: Callable[[Path], None]) -> str:
         return str(target)
     root.mkdir(parents=True, exist_ok=True)
     lock_path = root / f".{name}.lock"
-    with open(lock_path, "a+") as lock_file:
-        try:
-            import fcntl
-
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
-        except ImportError:  # non-POSIX: the atomic rename alone still prevents torn directories
-            pass
+    # filelock picks flock / msvcrt / a soft lock per platform, so every platform serialises builders
+    with FileLock(lock_path):
         if (target / _READY_MARKER).is_file():  # someone else built it while we waited
             return str(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))

@@ -5,10 +5,13 @@ import math
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from ragen.models import load_causal_lm
 from ragen.workers.hf_engine import PrefixCachingEngine, filter_logits, generate_padded, sample_tokens
 from ragen.workers.protocol import Sampling
+from ragen.workers.sampling import logits_warpers, warp_logits
 
 PAD = 2
 
@@ -139,6 +142,55 @@ def test_filter_logits_hand_checked():
     # kept tokens keep their logits (the softmax renormalises over them)
     out = filter_logits(logits, top_k=-1, top_p=0.6)
     assert torch.allclose(out[0, :2].softmax(-1), torch.tensor([0.5 / 0.7, 0.2 / 0.7]))
+
+
+def _reference_kept(row: list[float], temperature: float, top_k: int, top_p: float) -> tuple[set[int], float]:
+    """Slow float64 reference of one row: (kept token ids, distance of top-p's cut from its nearest boundary)."""
+    scaled = [x / temperature for x in row]
+    order = sorted(range(len(row)), key=lambda i: -scaled[i])
+    if 0 < top_k < len(row):  # ties at the k-th value stay
+        order = [i for i in order if scaled[i] >= scaled[order[top_k - 1]]]
+    if top_p >= 1.0:
+        return set(order), math.inf
+    top = max(scaled[i] for i in order)
+    weights = [math.exp(scaled[i] - top) for i in order]
+    total = sum(weights)
+    kept, mass, margin = set(), 0.0, math.inf
+    for i, w in zip(order, weights):
+        margin = min(margin, abs(mass - top_p))
+        if kept and mass >= top_p:  # the smallest most-likely set whose mass reaches top_p, never empty
+            break
+        kept.add(i)
+        mass += w / total
+    return kept, margin
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 4), vocab=st.integers(2, 40),
+       scale=st.floats(0.1, 8.0), temperature=st.sampled_from([0.3, 1.0, 1.7]),
+       top_k=st.integers(-1, 45), top_p=st.one_of(st.just(1.0), st.floats(0.0, 1.0)))
+def test_warp_logits_matches_slow_reference(seed, rows, vocab, scale, temperature, top_k, top_p):
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+    out = warp_logits(logits, temperature, top_k, top_p)
+    assert out.shape == logits.shape
+    for r in range(rows):
+        kept, margin = _reference_kept(logits[r].double().tolist(), temperature, top_k, top_p)
+        assume(margin > 1e-4)  # float32 rounding decides cuts closer than this
+        finite = torch.isfinite(out[r])
+        assert set(finite.nonzero()[:, 0].tolist()) == kept
+        assert torch.allclose(out[r][finite], logits[r][finite] / temperature)  # kept logits are only scaled
+
+
+def test_warpers_off_settings_and_boundary_tie():
+    logits = torch.randn(3, 7)
+    # top_k <= 0 or >= vocab, top_p = 1, temperature 1: nothing to build, the logits pass through
+    for top_k in (-1, 0, 7, 9):
+        assert len(logits_warpers(1.0, top_k, 1.0, 7)) == 0
+        assert warp_logits(logits, 1.0, top_k, 1.0) is logits
+    assert logits_warpers(0.7, 3, 0.9, 7) is logits_warpers(0.7, 3, 0.9, 7)  # built once per setting
+    # transformers' top-p drops a token once the tokens ranked above it hold >= top_p: of two equally likely
+    # tokens at top_p = 0.5 one is kept (the hf rollout's former copy, dropping only at > top_p, kept both)
+    assert int(torch.isfinite(warp_logits(torch.zeros(1, 2), 1.0, -1, 0.5)).sum()) == 1
 
 
 def test_sample_tokens_inverse_cdf_support_and_greedy():

@@ -15,10 +15,9 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
+from unittest import mock
 
 from verl.utils.tracking import Tracking
-
-from ragen.utils import scoped_environ
 
 CONSOLE_KEYS = (
     "train/env/all/success_rate",
@@ -57,7 +56,7 @@ class Tracker:
         self._tracking = None
         if others:
             # veRL reads the tensorboard directory from the environment
-            with scoped_environ(TENSORBOARD_DIR=os.path.join(log_dir, "tensorboard")):
+            with mock.patch.dict(os.environ, {"TENSORBOARD_DIR": os.path.join(log_dir, "tensorboard")}):
                 self._tracking = Tracking(project, experiment, default_backend=others, config=config)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

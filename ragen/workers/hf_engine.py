@@ -42,6 +42,7 @@ import torch
 from transformers import AttentionInterface
 
 from ragen.workers.protocol import Sampling
+from ragen.workers.sampling import warp_logits
 
 __all__ = ["PrefixCachingEngine", "filter_logits", "generate_padded", "sample_tokens"]
 
@@ -74,22 +75,10 @@ AttentionInterface.register(_ATTN_NAME, _gqa_sdpa)
 
 # --------------------------------------------------------------------------------------------- sampling
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """[B, V] -> [B, V] with -inf outside the top-k (k <= 0: off; ties at the k-th value kept) and outside
+    """[B, V] -> [B, V] with -inf outside the top-k (k <= 0 or >= V: off; ties at the k-th value kept) and outside
     the smallest set of most likely tokens whose probability reaches ``top_p`` (1: off; the top token is
-    always kept)."""
-    vocab = logits.shape[-1]
-    if 0 < top_k < vocab:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
-        drop_sorted = mass_before >= top_p
-        drop_sorted[:, 0] = False
-        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+    always kept).  transformers' warpers, through :func:`ragen.workers.sampling.warp_logits`."""
+    return warp_logits(logits, 1.0, top_k, top_p)
 
 
 def sample_tokens(logits: torch.Tensor, sampling: Sampling, uniform: torch.Tensor) -> torch.Tensor:
@@ -99,9 +88,7 @@ def sample_tokens(logits: torch.Tensor, sampling: Sampling, uniform: torch.Tenso
     inverse-CDF draw, so a row's token depends only on its own logits and uniform: the same in any batch."""
     if not sampling.do_sample or sampling.temperature <= 0:
         return logits.argmax(-1)
-    if sampling.temperature != 1.0:
-        logits = logits / sampling.temperature
-    probs = filter_logits(logits, sampling.top_k, sampling.top_p).softmax(-1)
+    probs = warp_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p).softmax(-1)
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
     # first token whose cdf exceeds u * total (never a zero-probability one); u * total may round up to total

@@ -31,6 +31,7 @@ import ray
 import torch
 
 from ragen.workers.protocol import Sampling
+from ragen.workers.sampling import warp_logits
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,10 @@ _BATCH_MAX_WAIT_S = 0.25  # ... or after this long
 class _RowSampler:
     """Logits processor that turns greedy decoding into sampling with one random stream per row.
 
-    Temperature, then top-k, then top-p (the order of vLLM and of HF's warpers); the sample is the argmax of the
-    filtered logits plus Gumbel noise drawn from the row's own generator (Gumbel-max: exactly a draw from the
-    filtered softmax).  A row's tokens therefore depend on its seed only, not on the other rows of the batch.
+    Temperature, then top-k, then top-p (transformers' warpers, in the order of vLLM and of HF's ``generate``; see
+    :mod:`ragen.workers.sampling`); the sample is the argmax of the filtered logits plus Gumbel noise drawn from the
+    row's own generator (Gumbel-max: exactly a draw from the filtered softmax).  A row's tokens therefore depend on
+    its seed only, not on the other rows of the batch.
     """
 
     def __init__(self, sampling: Sampling, seeds: list[int]):
@@ -54,17 +56,9 @@ class _RowSampler:
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logits = scores.float() / self.temperature
+        """input_ids [B, T], scores [B, V] -> [B, V] float32 (greedy decoding then takes the row's sample)."""
+        logits = warp_logits(scores.float(), self.temperature, self.top_k, self.top_p)
         vocab = logits.shape[-1]
-        if 0 < self.top_k < vocab:
-            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-            probs = sorted_logits.softmax(-1)
-            before = probs.cumsum(-1) - probs  # probability mass of the tokens ranked above
-            drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before > self.top_p)
-            logits = logits.masked_fill(drop, float("-inf"))
         noise = torch.stack([torch.empty(vocab).exponential_(generator=g) for g in self.generators])
         return logits - noise.log().to(logits.device)
 
