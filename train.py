@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from preload_tcmalloc import relaunch_with_tcmalloc
 
-relaunch_with_tcmalloc()  # before torch is imported (RAGEN_ALLOCATOR=system turns it off)
+# before torch is imported: tcmalloc on CPU runs, not on GPU runs (trainer.device=cuda, or auto with a GPU);
+# logs which allocator and why; RAGEN_ALLOCATOR=system|tcmalloc overrides (preload_tcmalloc.py)
+relaunch_with_tcmalloc()
 
 import hydra
 from omegaconf import DictConfig
