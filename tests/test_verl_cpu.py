@@ -16,7 +16,7 @@ import torch
 
 from ragen.workers.protocol import Sampling
 from ragen.workers.verl_backend import cpu_platform
-from ragen.workers.verl_backend.hf_rollout import HFGenerationEngine, _seed_runs, sampling_from_params
+from ragen.workers.verl_backend.hf_rollout import HFGenerationEngine, _seed_runs, rollout_device, sampling_from_params
 
 REPO = Path(__file__).resolve().parents[1]
 VERL_DIR = Path(__import__("verl").__file__).parent
@@ -117,6 +117,26 @@ def test_pin_verl_has_no_hf_server_rollout():
     assert '("hf"' not in table and '("vllm", "async")' in table
     replica = (VERL_DIR / "workers" / "rollout" / "replica.py").read_text()
     assert 'RolloutReplicaRegistry.register("hf"' not in replica
+
+
+def test_pin_ray_hides_gpus_from_a_zero_gpu_actor_unless_told_not_to():
+    """The hf server asks for no GPU, so on a GPU node Ray would hide them all from it; the replica sets the
+    platform's RAY_EXPERIMENTAL_NOSET_* variables, as veRL's own vLLM replica does
+    (workers/rollout/vllm_rollout/vllm_async_server.py:1372-1374)."""
+    from verl.plugin.platform.platform_cuda import PlatformCUDA
+
+    assert PlatformCUDA.ray_noset_envvars(None) == ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"]
+    server = (VERL_DIR / "workers" / "rollout" / "vllm_rollout" / "vllm_async_server.py").read_text()
+    assert 'var: "1" for var in get_platform().ray_noset_envvars()' in server
+
+
+def test_the_hf_server_decodes_on_its_workers_gpu_when_cuda_sees_it(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert rollout_device("3") == torch.device("cuda:0") and os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    assert rollout_device("") == torch.device("cpu")  # a CPU worker: no accelerator ids
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rollout_device("0") == torch.device("cpu")  # ids but no CUDA (veRL on CPU processes)
 
 
 _IN_A_WORKER = r"""

@@ -156,20 +156,33 @@ def load_rollout_model(path: str, dtype: str) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def rollout_device(visible_devices: str) -> torch.device:
+    """The server's device: ``cuda:0`` of ``visible_devices`` (set as CUDA_VISIBLE_DEVICES before CUDA starts in
+    this process) when CUDA sees it, else the CPU.  Ray hides every GPU from an actor that asks for none
+    (``num_gpus=0``); the replica lifts that for the server (``RAY_EXPERIMENTAL_NOSET_*``) and names the GPU of its
+    first worker here, as veRL does for its vLLM servers."""
+    if visible_devices:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
+    return torch.device("cuda:0" if visible_devices and torch.cuda.is_available() else "cpu")
+
+
 class HFServer:
     """One ``hf`` rollout replica (a Ray actor): the model, a request batcher and veRL's server methods."""
 
-    def __init__(self, config: Any, model_config: Any, replica_rank: int):
+    def __init__(self, config: Any, model_config: Any, replica_rank: int, visible_devices: str = ""):
+        """``visible_devices``: the accelerator ids of the replica's first worker (empty on a CPU node); the
+        server decodes on that GPU when CUDA sees it, else on this node's cores."""
         from ragen.models import load_tokenizer
 
         self.config, self.replica_rank = config, replica_rank
         path = str(model_config.path)
-        # generation runs while the FSDP workers wait: this node's cores, shared by its replicas
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        per_replica = (config.tensor_model_parallel_size * config.data_parallel_size
-                       * config.pipeline_model_parallel_size)
-        torch.set_num_threads(max(1, cores // max(1, config.n_gpus_per_node // per_replica)))
-        self.model = load_rollout_model(path, config.dtype)
+        self.device = rollout_device(visible_devices)
+        if self.device.type == "cpu":  # generation runs while the FSDP workers wait: the node's cores, shared
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            per_replica = (config.tensor_model_parallel_size * config.data_parallel_size
+                           * config.pipeline_model_parallel_size)
+            torch.set_num_threads(max(1, cores // max(1, config.n_gpus_per_node // per_replica)))
+        self.model = load_rollout_model(path, config.dtype).to(self.device)
         tokenizer = load_tokenizer(path)
         self.default_eos = [int(tokenizer.eos_token_id)]
         self.engine = HFGenerationEngine(self.model, tokenizer.pad_token_id)
@@ -289,6 +302,7 @@ class HFServer:
 # ------------------------------------------------------------------------------------------------ replica
 @functools.cache
 def _replica_class():
+    from verl.plugin.platform import get_platform
     from verl.workers.rollout.replica import RolloutReplica
 
     class HFReplica(RolloutReplica):
@@ -298,17 +312,29 @@ def _replica_class():
             if len(self.workers) != self.world_size:
                 raise RuntimeError(f"hf replica {self.replica_rank}: {len(self.workers)} workers for a world size of "
                                    f"{self.world_size}")
-            node = await self.workers[0].__ray_call__.remote(lambda worker: ray.get_runtime_context().get_node_id())
+            node, accelerators = await self.workers[0].__ray_call__.remote(worker_placement)
+            # a GPU worker: let the server see that GPU (Ray hides GPUs from an actor that asks for none)
+            env_vars = {var: "1" for var in get_platform().ray_noset_envvars()} if accelerators else {}
             server = ray.remote(HFServer).options(
                 name=server_name(self.replica_rank), num_cpus=0, max_concurrency=self.max_concurrency,
                 scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(node_id=node,
                                                                                                   soft=False),
-            ).remote(config=self.config, model_config=self.model_config, replica_rank=self.replica_rank)
+                runtime_env={"env_vars": env_vars},
+            ).remote(config=self.config, model_config=self.model_config, replica_rank=self.replica_rank,
+                     visible_devices=",".join(map(str, accelerators[:1])))
             self.servers = [server]
             self._server_handle = server
             self._server_address = f"{NAME}-replica-{self.replica_rank}"
 
     return HFReplica
+
+
+def worker_placement(worker: Any = None) -> tuple[str, list[str]]:
+    """(node id, accelerator ids) of the calling Ray actor; ids are empty for an actor without GPUs."""
+    from verl.utils.device import get_resource_name
+
+    context = ray.get_runtime_context()
+    return context.get_node_id(), list(context.get_accelerator_ids().get(get_resource_name(), []))
 
 
 def server_name(replica_rank: int) -> str:
