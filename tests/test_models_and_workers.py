@@ -1,6 +1,7 @@
 """Model resolution/caching and the in-process workers, on the tiny random model (one slow test: real SmolLM2)."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -43,7 +44,8 @@ def make_batch(B=4, T=12, lengths=(12, 9, 7, 10), prompt_len=4, seed=0, vocab=20
     lm = torch.zeros(B, T)
     lm[:, prompt_len:] = 1
     lm = lm * am
-    return DataProto.from_dict(tensors={"input_ids": ids, "attention_mask": am, "position_ids": pos, "loss_mask": lm})
+    return DataProto.from_dict(tensors={"input_ids": ids, "attention_mask": am, "position_ids": pos, "loss_mask": lm},
+                               meta_info={"temperature": 1.0})
 
 
 def with_rl_keys(w, data, seed=1):
@@ -141,6 +143,14 @@ def test_cached_build_runs_once_under_concurrency(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+def test_offline_sets_and_restores_the_environment(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    with models.offline():
+        assert os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    assert os.environ["HF_HUB_OFFLINE"] == "0" and "TRANSFORMERS_OFFLINE" not in os.environ
+
+
 # ------------------------------------------------------------------------------------------------ workers
 def test_protocol_and_config_validation(workers):
     assert isinstance(workers, Workers)
@@ -204,7 +214,8 @@ def test_log_prob_alignment_and_padding_invariance(workers):
     assert (lp[1, n:] == 0).all() and (ent[1, n:] == 0).all()
     assert (ent[1, 4:n] > 0).all()
     # without a loss_mask: every position with a predecessor
-    no_mask = DataProto.from_dict(tensors={k: v for k, v in data.batch.items() if k != "loss_mask"})
+    no_mask = DataProto.from_dict(tensors={k: v for k, v in data.batch.items() if k != "loss_mask"},
+                                  meta_info=data.meta_info)
     full = workers.compute_log_probs(no_mask).batch["old_log_probs"]
     assert full[1, 0] == 0
     torch.testing.assert_close(full[1, 1:n], manual, atol=1e-4, rtol=1e-4)
@@ -214,7 +225,7 @@ def test_log_prob_alignment_and_padding_invariance(workers):
     pad = 5
     padded = DataProto.from_dict(
         tensors={k: torch.nn.functional.pad(v, (0, pad), value=2 if k == "input_ids" else 0)
-                 for k, v in data.batch.items()}
+                 for k, v in data.batch.items()}, meta_info=data.meta_info
     )
     lp2 = workers.compute_log_probs(padded).batch["old_log_probs"]
     torch.testing.assert_close(lp2[:, :12], lp, atol=1e-5, rtol=1e-5)
@@ -249,14 +260,16 @@ def test_update_actor_changes_weights(policy_loss, precision):
 def test_update_actor_is_the_same_step_for_any_micro_batch_size(monkeypatch):
     """The gradient an optimizer step takes does not depend on how rows are grouped into micro-batches (veRL's
     global-batch loss aggregation; one row per micro-batch has no padding at all)."""
+    from ragen.workers.local_optim import Trainable
+
     grads = []
-    step = LocalWorkers._clipped_step
+    step = Trainable.clipped_step
 
     def recording(unit):
         grads.append([p.grad.detach().clone() for p in unit.params])
         return step(unit)
 
-    monkeypatch.setattr(LocalWorkers, "_clipped_step", staticmethod(recording))
+    monkeypatch.setattr(Trainable, "clipped_step", recording)
     metrics = []
     for micro in (1, 2, 4):
         w = LocalWorkers(make_config(micro_batch_size_per_gpu=micro,
@@ -305,17 +318,17 @@ def test_cpu_logprobs_take_one_pass_where_verl_loops_per_position(workers, monke
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(37, 500, generator=gen) * 4
     targets = torch.randint(0, 500, (37,), generator=gen)
-    torch.testing.assert_close(workers._logprobs_of(logits, targets), tf.logprobs_from_logits(logits, targets),
+    torch.testing.assert_close(workers._passes.logprobs_of(logits, targets), tf.logprobs_from_logits(logits, targets),
                                rtol=1e-5, atol=1e-5)
     calls = []
     original = torch.logsumexp
     monkeypatch.setattr(torch, "logsumexp", lambda *a, **k: calls.append(1) or original(*a, **k))
-    workers._logprobs_of(logits, targets)
+    workers._passes.logprobs_of(logits, targets)
     assert not calls  # no per-position logsumexp
 
 
 def test_mask_for_model_drops_only_right_padding_with_standard_positions():
-    from ragen.workers.local import _mask_for_model
+    from ragen.workers.local_batches import mask_for_model as _mask_for_model
 
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     pos = torch.tensor([[0, 1, 2, 2], [0, 1, 2, 3]])
@@ -483,11 +496,13 @@ def test_real_smollm2_generates_from_chatml_prompt():
 def test_log_probs_on_the_loss_positions_only_equal_the_full_pass(workers):
     """The actor update runs the LM head on the generated tokens alone: same numbers where the loss is taken."""
     data = make_batch()
-    inputs = workers._model_inputs(data)
+    from ragen.workers.local_batches import model_inputs
+
+    inputs = model_inputs(data)
     mask = data.batch["loss_mask"]
     with torch.no_grad():
-        full_lp, full_ent = workers._token_logprobs(workers.actor, inputs, 0.7, want_entropy=True)
-        lp, ent = workers._token_logprobs(workers.actor, inputs, 0.7, want_entropy=True, only=mask)
+        full_lp, full_ent = workers._passes.token_logprobs(workers.actor, inputs, 0.7, want_entropy=True)
+        lp, ent = workers._passes.token_logprobs(workers.actor, inputs, 0.7, want_entropy=True, only=mask)
     torch.testing.assert_close(lp, full_lp * mask, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent, full_ent * mask, atol=1e-5, rtol=1e-5)
 
@@ -522,3 +537,11 @@ def test_rollout_engine_samples_from_the_updated_weights(precision, lora):
                     p.data.normal_()
         w.update_actor(with_rl_keys(w, make_batch()))
         assert not w.engine.cached_tokens  # the cache of the old weights is gone
+
+
+def test_scoring_without_the_sampling_temperature_is_refused(workers):
+    """Log-probs depend on the temperature the rows were sampled at: no silent default of 1."""
+    data = make_batch()
+    data.meta_info = {}
+    with pytest.raises(KeyError, match="temperature"):
+        workers.compute_log_probs(data)

