@@ -1,7 +1,7 @@
 """Causal attention forward + backward on the CPU at the main job's training shapes, three ways, in one run.
 
-    python bench/attention.py                        # SmolLM2-135M: 9 heads of 64, 4 rows x 640 tokens, bf16
-    python bench/attention.py --dtype fp32 --tokens 1024
+    python -m bench.attention                        # SmolLM2-135M: 9 heads of 64, 4 rows x 640 tokens, bf16
+    python -m bench.attention --dtype fp32 --tokens 1024
 
 Prints milliseconds per layer (forward + backward) and the achieved GFLOP/s of the useful causal work
 (QK^T and AV: 2 * 2 * heads * head_dim * T^2 / 2 per row forward, 3x for forward + backward) for
@@ -11,14 +11,14 @@ Prints milliseconds per layer (forward + backward) and the achieved GFLOP/s of t
 * a chunked version written with batched matmuls (queries in blocks, each against the keys up to its end,
   softmax in fp32): the alternative one would write to beat the fused kernel,
 
-next to a plain matmul of the same precision on the model's MLP shape, the rate the ``iteration.py --profile``
-shares are read against.  Ratios are what to read: the machine is shared and noisy.
+next to a plain matmul of the same precision on the model's MLP shape, the rate the
+``python -m bench.iteration --profile`` shares are read against.  Ratios are what to read: the machine is shared
+and noisy.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 
@@ -26,10 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a script: make ``bench`` importable
-    sys.path.insert(0, ROOT)
-from bench.iteration import matmul_rate  # noqa: E402  (after the path)
+from bench.iteration import matmul_rate
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -72,7 +69,8 @@ def time_fwd_bwd(fn, shape: tuple[int, ...], dtype: torch.dtype, repeats: int) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=4, help="rows per micro-batch (the main job's micro_batch_size)")
     p.add_argument("--tokens", type=int, default=640, help="tokens per row (the main job's mean row)")
     p.add_argument("--heads", type=int, default=9)

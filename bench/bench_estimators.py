@@ -1,7 +1,7 @@
 """Time the turn-aware estimators against a slow loop reference and against one torch.cumsum.
 
-    python bench/bench_estimators.py                 # B=256, T=8192, ~10 turns per row
-    python bench/bench_estimators.py --batch 64 --length 2048 --repeats 3
+    python -m bench.bench_estimators                 # B=256, T=8192, ~10 turns per row
+    python -m bench.bench_estimators --batch 64 --length 2048 --repeats 3
 
 All timings come from this one run (the machine is noisy, so only the ratios are meaningful).
 The loop reference (the same slow per-token code the tests use) runs on a slice of rows and is scaled per
@@ -10,21 +10,26 @@ element to the full batch.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
-import sys
 import time
 
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from test_core_algos import reference_archer, reference_bi_level
 
 from ragen.trainer.core_algos import (
     compute_archer_advantage_return,
     compute_bi_level_gae_advantage_return,
 )
+
+
+def load_references():
+    """``reference_archer`` and ``reference_bi_level`` of ``tests/test_core_algos.py``, loaded from its file (the
+    name ``tests`` belongs to veRL's installed package, so it is not imported by module name)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "test_core_algos.py")
+    spec = importlib.util.spec_from_file_location("_test_core_algos", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.reference_archer, module.reference_bi_level
 
 
 def make_batch(batch: int, length: int, turns: int, seed: int = 0):
@@ -55,13 +60,15 @@ def best_time(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_estimators", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--reference-rows", type=int, default=2, help="rows timed with the loop reference")
     args = parser.parse_args()
+    reference_archer, reference_bi_level = load_references()
 
     rewards, values, mask = make_batch(args.batch, args.length, args.turns)
     mask_bool = mask.bool()

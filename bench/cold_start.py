@@ -1,7 +1,7 @@
 """How often the embedded SmolLM2-135M answers in format, cold and with each of the config's ways in.
 
-    python bench/cold_start.py                  # Bandit, 16 prompts, sampled at T = 1
-    python bench/cold_start.py --tag FrozenLake --warmup-steps 8
+    python -m bench.cold_start                  # Bandit, 16 prompts, sampled at T = 1
+    python -m bench.cold_start --tag FrozenLake --warmup-steps 8
 
 Prints, per setting, the rate of well-formed answers, of valid actions and of success on held-out seeds:
 (1) plain prompt, (2) assistant turn pre-filled with "<answer>", (3) pre-fill + the supervised format warm-up.
@@ -20,7 +20,8 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.cold_start", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tag", default="Bandit", help="env tag from custom_envs")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--warmup-steps", type=int, default=8)

@@ -1,7 +1,7 @@
 """How many critic-only iterations does the utterance critic need before its advantages beat chance?
 
-    python bench/critic_warmup.py                         # the main job's config, 8 critic-only iterations
-    python bench/critic_warmup.py --iterations 10 --set archer.utterance_critic.updates=50
+    python -m bench.critic_warmup                         # the main job's config, 8 critic-only iterations
+    python -m bench.critic_warmup --iterations 10 --set archer.utterance_critic.updates=50
 
 Runs the training loop of ``config/<--config>.yaml`` with the actor frozen (``archer.warmup_iters`` = all of
 them) and, at every iteration, scores the critic on the NEW rollout before it sees it: for every turn of the
@@ -20,8 +20,6 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 def returns_to_go(rewards: list[float], gamma: float) -> list[float]:
@@ -39,7 +37,8 @@ def correlation(x: list[float], y: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.critic_warmup", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="archer")
     p.add_argument("--iterations", type=int, default=8)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as fh:
-        fh.write(f"`python bench/critic_warmup.py {' '.join(argv or sys.argv[1:])}`\n\n" + text + "\n")
+        fh.write(f"`python -m bench.critic_warmup {' '.join(argv or sys.argv[1:])}`\n\n" + text + "\n")
     return 0
 
 

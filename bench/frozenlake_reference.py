@@ -1,6 +1,6 @@
 """What policies that ignore the map, and one that reads it, score on the main job's FrozenLake maps.
 
-    python bench/frozenlake_reference.py                  # config/archer.yaml: its 32 validation maps and
+    python -m bench.frozenlake_reference                  # config/archer.yaml: its 32 validation maps and
                                                           # the training maps of its 20 steps
 
 Every map of ``generate_random_map`` starts at the top-left corner and has its goal at the bottom-right one, so
@@ -17,7 +17,7 @@ A greedy validation score at the best fixed route's level is what a map-blind po
 that reads the map goes above it.  Prints a markdown table and writes it to
 ``bench/results/frozenlake_reference.md``.
 
-    python bench/frozenlake_reference.py --generations RUN_DIR/val_generations/step_10.jsonl [...]
+    python -m bench.frozenlake_reference --generations RUN_DIR/val_generations/step_10.jsonl [...]
 
 instead reads validation episodes a run wrote (``trainer.log_val_generations``) and says whether the policy
 read the maps: its success, how many different action sequences it walked, how many episodes walked the most
@@ -29,15 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections import deque
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 # gymnasium's action ids (ragen.env.frozenlake uses the same order): Left, Down, Right, Up
 ACTION_NAMES = ("Left", "Down", "Right", "Up")
@@ -181,7 +178,7 @@ def map_sets(config) -> dict[str, list[list[str]]]:
         tags = list(getattr(config.es_manager, mode).env_configs.tags)
         if tags != ["FrozenLake"]:
             raise SystemExit(f"es_manager.{mode}.env_configs.tags must be [FrozenLake] for this bench, got {tags}")
-        esm = EnvStateManager(config, mode)
+        esm = EnvStateManager.for_run(config, mode)
         seeds = [esm.group_seed(step, g) for step in range(steps) for g in range(esm.env_groups)]
         label = f"validation ({len(seeds)} maps)" if mode == "val" else f"training ({len(seeds)} maps, {steps} steps)"
         out[label] = maps_of(esm.envs[0].env, seeds)
@@ -196,7 +193,8 @@ def action_budget(config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.frozenlake_reference", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="archer", help="config/<name>.yaml (default: the main job's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Hydra override (repeatable)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "frozenlake_reference.md"))
@@ -250,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({' '.join(args.set) or 'no overrides'}): success rate within {budget} actions, "
               f"deterministic moves, start top-left, goal bottom-right; routes in letters (L = Left, D = Down, "
               f"R = Right, U = Up; a move into the edge stays put).\n\n"
-              f"`python bench/frozenlake_reference.py{' --config ' + args.config if args.config != 'archer' else ''}"
+              f"`python -m bench.frozenlake_reference{' --config ' + args.config if args.config != 'archer' else ''}"
               f"{''.join(' --set ' + s for s in args.set)}`\n")
     table = ["| policy | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     table += ["| " + " | ".join(r) + " |" for r in rows]

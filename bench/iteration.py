@@ -1,11 +1,11 @@
 """Time one training iteration phase by phase, for two settings side by side, measured in one run.
 
-    python bench/iteration.py                                  # the main job's config: this tree vs today's code
-    python bench/iteration.py --episodes 32 --turns 5          # FrozenLake, 32 episodes x up to 5 turns
-    python bench/iteration.py --baseline-ref HEAD~3            # any git ref as the baseline
-    python bench/iteration.py --baseline-set trainer.precision=fp32 --baseline-ref ""   # two settings, this tree
-    python bench/iteration.py --baseline-ref "" --baseline-env RAGEN_ALLOCATOR=system     # glibc vs tcmalloc
-    python bench/iteration.py --baseline-ref "" --profile      # + the candidate's actor update by kind of work
+    python -m bench.iteration                                  # the main job's config: this tree vs today's code
+    python -m bench.iteration --episodes 32 --turns 5          # FrozenLake, 32 episodes x up to 5 turns
+    python -m bench.iteration --baseline-ref HEAD~3            # any git ref as the baseline
+    python -m bench.iteration --baseline-set trainer.precision=fp32 --baseline-ref ""   # two settings, this tree
+    python -m bench.iteration --baseline-ref "" --baseline-env RAGEN_ALLOCATOR=system     # glibc vs tcmalloc
+    python -m bench.iteration --baseline-ref "" --profile      # + the candidate's actor update by kind of work
 
 Each setting runs in a subprocess of its own (a fresh process, its own PYTHONPATH: the baseline is a temporary git
 worktree at ``--baseline-ref``, default the commit this project started the session from), builds the trainer from
@@ -250,12 +250,13 @@ def run_setting(label: str, tree: str, config: str, overrides: list[str], iterat
     env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {}))
     if os.path.isfile(os.path.join(tree, "preload_tcmalloc.py")):
         # a tree whose train.py picks the allocator runs under the one it would pick (RAGEN_ALLOCATOR honoured);
-        # imported here, in the parent: the measuring child must see only its own tree on sys.path
-        if ROOT not in sys.path:
-            sys.path.insert(0, ROOT)
+        # imported here, in the parent (run from the repository root): the measuring child must see only its own
+        # tree on its path
         from preload_tcmalloc import with_tcmalloc
 
         env = with_tcmalloc(env)
+    # the child is this file run by its path, not ``-m bench.iteration``: its cwd and PYTHONPATH are the measured
+    # tree, whose ``bench`` (a baseline's) may differ from this one or be missing
     cmd = [sys.executable, os.path.join(HERE, "iteration.py"), "--_measure", spec_path, out_path]
     print(f"[{label}] {tree} :: {' '.join(overrides[-6:])} ...", flush=True)
     proc = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
@@ -391,7 +392,8 @@ def kernel_time_rows(result: dict[str, Any], who: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.iteration", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="archer", help="config/<name>.yaml of both settings")
     p.add_argument("--episodes", type=int, default=32)
     p.add_argument("--turns", type=int, default=5)

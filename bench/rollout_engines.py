@@ -1,8 +1,8 @@
 """Rollout engines on the embedded SmolLM2-135M: today's HF ``generate`` path against PrefixCachingEngine.
 
-    python bench/rollout_engines.py                                  # everything, ~40 min on 2 cores
-    python bench/rollout_engines.py --sections call --reps 3 --malloc off
-    python bench/rollout_engines.py --model tiny-random --call-reps 1     # smoke run of the code path
+    python -m bench.rollout_engines                                  # everything, ~40 min on 2 cores
+    python -m bench.rollout_engines --sections call --reps 3 --malloc off
+    python -m bench.rollout_engines --model tiny-random --call-reps 1     # smoke run of the code path
 
 Each (section, allocator) pair runs in a child process of its own, the allocators alternating: glibc
 malloc ("off") and tcmalloc ("on": ``LD_PRELOAD`` of Debian's ``libtcmalloc-minimal4``).  Variants:
@@ -300,7 +300,8 @@ def malloc_ratio_table(records: list[dict]) -> str:
 
 def main() -> None:
     global MODEL
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.rollout_engines", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["call", "rollout"], choices=["call", "rollout"])
     parser.add_argument("--reps", type=int, default=1, help="repetitions of the whole bench (the fastest is reported)")
     parser.add_argument("--call-reps", type=int, default=3, help="repetitions inside a call section")
@@ -324,14 +325,15 @@ def main() -> None:
         for rep in range(args.reps):
             for section in args.sections:
                 for malloc in mallocs if rep % 2 == 0 else mallocs[::-1]:
-                    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                    env = dict(os.environ)
                     env.pop("LD_PRELOAD", None)
                     if malloc == "on":
                         env["LD_PRELOAD"] = TCMALLOC
                     out = os.path.join(tmp, f"{section}-{malloc}-{rep}.json")
                     print(f"# {section}, malloc {malloc}, rep {rep} ({time.time() - started:.0f} s)", flush=True)
-                    subprocess.run([sys.executable, os.path.abspath(__file__), "--child", section, "--json", out,
-                                    "--call-reps", str(args.call_reps), "--model", args.model], env=env, check=True)
+                    subprocess.run([sys.executable, "-m", "bench.rollout_engines", "--child", section, "--json", out,
+                                    "--call-reps", str(args.call_reps), "--model", args.model], env=env, cwd=HERE,
+                                   check=True)
                     with open(out) as f:
                         for r in json.load(f):
                             r["rep"] = (rep, r["rep"])

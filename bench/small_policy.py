@@ -89,6 +89,7 @@ def _corpus(config: Any) -> list[str]:
     """Texts the context manager renders for the three envs, both with and without the think format."""
     from omegaconf import OmegaConf
 
+    from ragen.config import parse_config
     from ragen.env import make_env
     from ragen.llm_agent.ctx_manager import ContextManager
 
@@ -97,7 +98,7 @@ def _corpus(config: Any) -> list[str]:
     rng = random.Random(0)
     for think in (True, False):
         cfg = OmegaConf.merge(config, {"agent_proxy": {"enable_think": think}})
-        ctx = ContextManager(cfg, boot, check_template=False)
+        ctx = ContextManager(parse_config(cfg).agent_proxy, boot, check_template=False)
         texts += [ctx.system_prompt(), ctx.format_hint(1), ctx.format_hint(5), ctx.format_reminder()]
         for env_type, env_cfg in (("bandit", {}), ("frozenlake", {"size": 4}),
                                   ("sokoban", {"dim_room": [6, 6], "num_boxes": 1})):

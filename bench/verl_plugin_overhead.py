@@ -76,7 +76,7 @@ def run(name: str, data: Path, model: str, ckpt: Path, steps: int, overrides: li
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.verl_plugin_overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--model", default="tiny-random")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "verl_plugin_overhead.md"))

@@ -1,7 +1,7 @@
 """Which actions the main job's policy picks right after the format warm-up, per seed.
 
-    python bench/warmup_actions.py --seeds 0 2                 # config/archer.yaml, 3 training rollouts per seed
-    python bench/warmup_actions.py --seeds 2 --set format_warmup.steps=10
+    python -m bench.warmup_actions --seeds 0 2                 # config/archer.yaml, 3 training rollouts per seed
+    python -m bench.warmup_actions --seeds 2 --set format_warmup.steps=10
 
 The format warm-up should teach the answer format and the action names, not a preference between actions: a
 policy that leaves it choosing one direction rarely may never reach the goal, and then RL has nothing to learn
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,14 +39,14 @@ def count_actions(trainer, rollouts: int) -> tuple[collections.Counter, collecti
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.warmup_actions", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="archer", help="config/<name>.yaml (default: the main job)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rollouts", type=int, default=3, help="training rollouts sampled after the warm-up")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     args = p.parse_args()
 
-    sys.path.insert(0, ROOT)
     from hydra import compose, initialize_config_dir
 
     import ragen  # noqa: F401  (registers the estimators)

@@ -26,6 +26,7 @@ def bench_policy(tmp_path_factory):
 
 
 def test_tokenizer_round_trip_and_chat_template(bench_policy):
+    from ragen.config import load_config
     from ragen.llm_agent.ctx_manager import ContextManager
     from ragen.models import load_tokenizer
 
@@ -39,7 +40,7 @@ def test_tokenizer_round_trip_and_chat_template(bench_policy):
         assert tok.decode(ids) == text
     tags = tok("<answer>Up</answer>", add_special_tokens=False)["input_ids"]
     assert len(tags) == 3  # <answer> Up </answer>: multi-token reply
-    ctx = ContextManager(cfg, tok)  # runs the template-boundary self-check
+    ctx = ContextManager(load_config(cfg).agent_proxy, tok)  # runs the template-boundary self-check
     reply = tok("Up</answer>", add_special_tokens=False)["input_ids"] + [ctx.eot_id]
     assert ctx.parse_response(ctx.decode(reply, skip_special_tokens=True)) == (["Up"], True)
     rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
@@ -130,11 +131,11 @@ def test_env_groups_override_carries_n_groups():
 
 @pytest.mark.slow
 def test_iteration_bench_runs_two_settings(tmp_path):
-    """bench/iteration.py end to end on tiny-random: two settings of this tree, every phase in the table."""
+    """``python -m bench.iteration`` end to end on tiny-random: two settings of this tree, every phase in the table."""
     import subprocess
 
     out = tmp_path / "iteration.json"
-    cmd = [sys.executable, str(REPO_ROOT / "bench" / "iteration.py"), "--baseline-ref", "", "--episodes", "4",
+    cmd = [sys.executable, "-m", "bench.iteration", "--baseline-ref", "", "--episodes", "4",
            "--turns", "2", "--response-length", "6", "--json", str(out),
            "--set", "model_path=tiny-random", "--set", "archer.utterance_critic.updates=2",
            "--set", "archer.warmup_iters=0",
@@ -142,7 +143,7 @@ def test_iteration_bench_runs_two_settings(tmp_path):
            "--set", "critic.enable=true",
            "--baseline-set", "trainer.precision=fp32", "--candidate-env", "RAGEN_BENCH_SMOKE=1", "--profile",
            "--iterations", "1"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # (no old_log_probs: one epoch on fresh rows makes the PPO ratio exactly 1, so the trainer skips them)
@@ -201,13 +202,13 @@ def test_iteration_bench_counts_model_flops_by_hand():
 
 
 @pytest.mark.slow
-def test_warmup_actions_bench_runs(tmp_path):
-    """bench/warmup_actions.py end to end on tiny-random: one seed, one rollout, its table row."""
+def test_warmup_actions_bench_runs():
+    """``python -m bench.warmup_actions`` end to end on tiny-random: one seed, one rollout, its table row."""
     import subprocess
 
-    cmd = [sys.executable, str(REPO_ROOT / "bench" / "warmup_actions.py"), "--seeds", "0", "--rollouts", "1",
+    cmd = [sys.executable, "-m", "bench.warmup_actions", "--seeds", "0", "--rollouts", "1",
            "--set", "model_path=tiny-random", "--set", "format_warmup.steps=2", "--set", "agent_proxy.max_turn=2"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| seed | rollouts | sampled success |" in proc.stdout and "\n| 0 | 1 | " in proc.stdout
@@ -216,9 +217,9 @@ def test_warmup_actions_bench_runs(tmp_path):
 def test_only_seeds_outside_the_seed_range_is_refused(tmp_path):
     import subprocess
 
-    cmd = [sys.executable, str(REPO_ROOT / "bench" / "sample_efficiency.py"), "--tasks", "frozenlake",
+    cmd = [sys.executable, "-m", "bench.sample_efficiency", "--tasks", "frozenlake",
            "--seeds", "2", "--only-seeds", "1", "2", "--runs", str(tmp_path), "--results", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--only-seeds [1, 2]: each seed must be in 0..1" in proc.stderr
 
 
@@ -245,13 +246,13 @@ def test_attention_bench_runs(capsys):
 
 
 @pytest.mark.slow
-def test_rollout_engines_bench_runs_a_frozenlake_rollout(tmp_path):
-    """bench/rollout_engines.py's rollout section on tiny-random (it had gone stale against LocalWorkers once)."""
+def test_rollout_engines_bench_runs_a_frozenlake_rollout():
+    """``bench.rollout_engines``: its rollout section on tiny-random (it had gone stale against LocalWorkers once)."""
     import subprocess
 
-    cmd = [sys.executable, str(REPO_ROOT / "bench" / "rollout_engines.py"), "--model", "tiny-random",
+    cmd = [sys.executable, "-m", "bench.rollout_engines", "--model", "tiny-random",
            "--sections", "rollout", "--malloc", "off"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| greedy | off | engine bf16 |" in proc.stdout

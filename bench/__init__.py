@@ -1,0 +1,1 @@
+"""Benchmarks: each script runs as ``python -m bench.<name>`` from the repository root."""
