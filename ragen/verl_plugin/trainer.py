@@ -137,8 +137,9 @@ class ArcherTrainer(PPOTrainerSync):
     def on_sample_end(self):
         with marked_timer("archer_critic", self.timing_raw, color="purple"):
             batch = self._sampled
-            data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
-                                   select_fields=["index", "session_id"])
+            # one read of the step's rows: the ordering fields, and the turn fields when the critic learns
+            fields = ["index", "session_id"] + (_ROW_FIELDS if self.utterance_critic is not None else [])
+            data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
             # rows arrive in the order their episodes finished: put them in dataset order (row index, then sample),
             # so the replay buffer, the critic's minibatches and the actor's micro-batches do not depend on timing
             # (a resumed run repeats the step it resumes at)
@@ -146,27 +147,31 @@ class ArcherTrainer(PPOTrainerSync):
                                                              batch.keys[i]))
             batch.reorder(order)
             if self.utterance_critic is not None:
-                self._pending_metrics = self._critic_step(batch)
+                self._pending_metrics = self._critic_step(batch, data, order)
         super().on_sample_end()
 
     # ------------------------------------------------------------------------------------------ critic
-    def _rows(self, batch) -> tuple[list[str], list[list[dict[str, Any]]], int]:
-        """``(keys, turn records per row (none for padding rows), reply cap)`` of a sampled batch."""
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=_ROW_FIELDS)
-        extras = list(data["extra_fields"]) if "extra_fields" in data.keys() else [{}] * len(batch)
-        names = list(data["agent_name"]) if "agent_name" in data.keys() else ["?"] * len(batch)
+    def _rows(self, batch, data: Any, order: list[int]) -> tuple[list[str], list[list[dict[str, Any]]], int]:
+        """``(keys, turn records per row (none for padding rows), reply cap)`` of a sampled batch, from its rows as
+        read (``data``, in read order) put in the batch's ``order``."""
+        def ordered(values: Any) -> list:
+            values = list(values)
+            return [values[i] for i in order]
+
+        extras = ordered(data["extra_fields"]) if "extra_fields" in data.keys() else [{}] * len(batch)
+        names = ordered(data["agent_name"]) if "agent_name" in data.keys() else ["?"] * len(batch)
         padding = [bool(tag.get("is_padding", False)) for tag in batch.tags]
-        records = batch_turns([p.tolist() for p in _nested_rows(data["prompts"])],
-                              [r.tolist() for r in _nested_rows(data["responses"])],
-                              _nested_rows(data["response_mask"]),
-                              [float(s.sum()) for s in _nested_rows(data["rm_scores"])], extras, names, padding,
-                              self.tokenizer.decode)
+        records = batch_turns([p.tolist() for p in ordered(_nested_rows(data["prompts"]))],
+                              [r.tolist() for r in ordered(_nested_rows(data["responses"]))],
+                              ordered(_nested_rows(data["response_mask"])),
+                              [float(s.sum()) for s in ordered(_nested_rows(data["rm_scores"]))], extras, names,
+                              padding, self.tokenizer.decode)
         caps = {int(e["reply_tokens"]) for e in extras if isinstance(e, dict) and "reply_tokens" in e}
         cap = max(caps) if caps else int(self.config.actor_rollout_ref.rollout.response_length)
         return list(batch.keys), records, cap
 
-    def _critic_step(self, batch) -> dict[str, float]:
-        keys, records, cap = self._rows(batch)
+    def _critic_step(self, batch, data: Any, order: list[int]) -> dict[str, float]:
+        keys, records, cap = self._rows(batch, data, order)
         sampler = lambda states: self._policy_replies(states, cap)
         turn_q, turn_v, num_turns, metrics = utterance_critic_step(self.utterance_critic, records, sampler)
         self._tables = {key: (turn_q[i, :n].tolist(), turn_v[i, :n].tolist())
