@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ragen.models import load_causal_lm
-from ragen.workers.hf_engine import PrefixCachingEngine, filter_logits, generate_padded, sample_tokens
+from ragen.workers.hf_engine import PrefixCachingEngine, generate_padded, sample_tokens
 from ragen.workers.protocol import Sampling
 from ragen.workers.sampling import logits_warpers, warp_logits
 
@@ -126,21 +126,21 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(model):
     assert PrefixCachingEngine(model, PAD).generate(prompts[:1], s) == a[:1]
 
 
-def test_filter_logits_hand_checked():
+def test_top_k_top_p_filtering_hand_checked():
     probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
     logits = probs.log()
     kept = lambda out: torch.isfinite(out[0]).nonzero()[:, 0].tolist()
-    assert kept(filter_logits(logits, top_k=2, top_p=1.0)) == [0, 1]
+    assert kept(warp_logits(logits, 1.0, 2, 1.0)) == [0, 1]
     # top-p keeps the smallest most-likely set reaching p: 0.5 alone reaches 0.5; 0.6 needs 0.5 + 0.2
-    assert kept(filter_logits(logits, top_k=-1, top_p=0.5)) == [0]
-    assert kept(filter_logits(logits, top_k=0, top_p=0.6)) == [0, 1]
-    assert kept(filter_logits(logits, top_k=-1, top_p=0.86)) == [0, 1, 2, 3]
-    assert kept(filter_logits(logits, top_k=3, top_p=0.9)) == [0, 1, 2]
-    assert kept(filter_logits(logits, top_k=-1, top_p=0.01)) == [0]
-    assert kept(filter_logits(logits, top_k=-1, top_p=0.0)) == [0]  # the top token always stays
-    assert kept(filter_logits(logits, top_k=-1, top_p=1.0)) == [0, 1, 2, 3, 4]
+    assert kept(warp_logits(logits, 1.0, -1, 0.5)) == [0]
+    assert kept(warp_logits(logits, 1.0, 0, 0.6)) == [0, 1]
+    assert kept(warp_logits(logits, 1.0, -1, 0.86)) == [0, 1, 2, 3]
+    assert kept(warp_logits(logits, 1.0, 3, 0.9)) == [0, 1, 2]
+    assert kept(warp_logits(logits, 1.0, -1, 0.01)) == [0]
+    assert kept(warp_logits(logits, 1.0, -1, 0.0)) == [0]  # the top token always stays
+    assert kept(warp_logits(logits, 1.0, -1, 1.0)) == [0, 1, 2, 3, 4]
     # kept tokens keep their logits (the softmax renormalises over them)
-    out = filter_logits(logits, top_k=-1, top_p=0.6)
+    out = warp_logits(logits, 1.0, -1, 0.6)
     assert torch.allclose(out[0, :2].softmax(-1), torch.tensor([0.5 / 0.7, 0.2 / 0.7]))
 
 

@@ -44,7 +44,7 @@ from transformers import AttentionInterface
 from ragen.workers.protocol import Sampling
 from ragen.workers.sampling import warp_logits
 
-__all__ = ["PrefixCachingEngine", "filter_logits", "generate_padded", "sample_tokens"]
+__all__ = ["PrefixCachingEngine", "generate_padded", "sample_tokens"]
 
 _ATTN_NAME = "ragen_prefix_sdpa"
 
@@ -74,13 +74,6 @@ AttentionInterface.register(_ATTN_NAME, _gqa_sdpa)
 
 
 # --------------------------------------------------------------------------------------------- sampling
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """[B, V] -> [B, V] with -inf outside the top-k (k <= 0 or >= V: off; ties at the k-th value kept) and outside
-    the smallest set of most likely tokens whose probability reaches ``top_p`` (1: off; the top token is
-    always kept).  transformers' warpers, through :func:`ragen.workers.sampling.warp_logits`."""
-    return warp_logits(logits, 1.0, top_k, top_p)
-
-
 def sample_tokens(logits: torch.Tensor, sampling: Sampling, uniform: torch.Tensor) -> torch.Tensor:
     """[B, V] float logits, [B] uniforms in [0, 1) -> [B] token ids.
 
